@@ -1,0 +1,179 @@
+"""Data (RECIPES §D, §P): the prompts, the data set adapters, a synthetic task, and batching.
+
+Every adapter turns a published row into one internal example:
+    {"images": [image, ...], "question": str, "answer": gold text, "choices": [option texts] or None,
+     "task": str, "source": str}
+`images` hold whatever qwen-vl-utils takes (PIL image, path, URL); bytes are opened here first.
+"""
+import io
+import os
+import random
+
+from PIL import Image, ImageDraw
+from qwen_vl_utils import fetch_image
+
+# --------------------------------------------------------------------------- prompts (P1, P2)
+# P1: the base model has no chat template, so the string is built by hand. Note the space before
+# "\nAssistant:" and the opened <think>: the completion continues the reasoning (R2 puts it back).
+P1 = ("<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. The user asks "
+      "a question about the image, and the Assistant solves it. The assistant first thinks about the "
+      "reasoning process in the mind and then provides the user with the answer.\nUser: {question} "
+      "\nAssistant: Let me solve this step by step.\n<think>")
+P2 = "  Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+PROMPT_STYLES = ("base", "instruct")  # P1, P2
+
+
+def prompt_text(ex, style, processor):
+    """The prompt string for one example; one <|image_pad|> per image, which the processor expands."""
+    if style == "base":
+        return P1.format(question=ex["question"])
+    text = ex["question"] + (P2 if style == "instruct" else "")
+    content = [{"type": "image"} for _ in ex["images"]] + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def open_image(img):
+    """PIL, path and URL pass through to qwen-vl-utils; raw bytes (as SAT stores them) are opened here."""
+    if isinstance(img, dict):  # a datasets Image column read without decoding: {"bytes":..., "path":...}
+        img = img.get("bytes") or img.get("path")
+    return Image.open(io.BytesIO(img)) if isinstance(img, (bytes, bytearray)) else img
+
+
+def encode(processor, examples, style, min_pixels, max_pixels):
+    """Left-padded processor batch for a list of examples (I2). Images are fetched and resized by
+    qwen-vl-utils to a multiple of patch*merge within [min_pixels, max_pixels]."""
+    patch = processor.image_processor.patch_size
+    images = [fetch_image({"image": open_image(im), "min_pixels": min_pixels, "max_pixels": max_pixels},
+                          image_patch_size=patch) for ex in examples for im in ex["images"]]
+    texts = [prompt_text(ex, style, processor) for ex in examples]
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
+# --------------------------------------------------------------------------- adapters (D)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def bad_row(name, i, column, why):
+    return ValueError(f"data set {name!r}, row {i}, column {column!r}: {why}")
+
+
+def from_cvbench(row, i, name):
+    """CV-Bench: `prompt` already lists the lettered choices; `answer` is "(A)"..."""
+    if row.get("image") is None:
+        raise bad_row(name, i, "image", "no image")
+    letter = str(row.get("answer") or "").strip("() ")
+    if len(letter) != 1 or LETTERS.find(letter) >= len(row["choices"]) or LETTERS.find(letter) < 0:
+        raise bad_row(name, i, "answer", f"expected a letter among the choices, got {row.get('answer')!r}")
+    return {"images": [row["image"]], "question": row["prompt"], "choices": list(row["choices"]),
+            "answer": row["choices"][LETTERS.index(letter)], "task": row.get("task", ""),
+            "source": row.get("source", "")}
+
+
+def from_sat(row, i, name, rng):
+    """SAT: options shuffled with a seeded RNG; the question names them; the gold is the answer text."""
+    if not row.get("correct_answer"):
+        raise bad_row(name, i, "correct_answer", "no answer")
+    options = list(row["answers"])
+    rng.shuffle(options)
+    q = f"{row['question']} Choose between the following options: {', '.join(options[:-1])} or {options[-1]}"
+    return {"images": list(row["image_bytes"]), "question": q, "answer": row["correct_answer"], "choices": None,
+            "task": "SAT", "source": "SAT"}
+
+
+def load_examples(spec, split, seed=0):
+    """`synthetic[:N]`, a hub id, a local data set folder, or a .json/.jsonl/.parquet/.csv file."""
+    if spec.startswith("synthetic"):
+        n = int(spec.split(":")[1]) if ":" in spec else 2000
+        return [from_cvbench(r, i, spec) for i, r in enumerate(synthetic_rows(n, seed + (split != "train")))]
+    import datasets  # imported here: start-up stays fast for the synthetic path
+
+    ext = os.path.splitext(spec)[1].lstrip(".")
+    if os.path.isfile(spec):
+        ds = datasets.load_dataset({"jsonl": "json"}.get(ext, ext), data_files=spec)
+    else:
+        ds = datasets.load_dataset(spec)
+    ds = ds[split] if split in ds else ds[next(iter(ds))]
+    cols, rng, out, multi = set(ds.column_names), random.Random(seed), [], 0
+    for i, row in enumerate(ds):
+        if "image_bytes" in cols:  # SAT: single-image rows only (r1zero trains on those)
+            if len(row["image_bytes"] or []) != 1:
+                multi += 1
+                continue
+            out.append(from_sat(row, i, spec, rng))
+        elif {"prompt", "choices", "answer"} <= cols:
+            out.append(from_cvbench(row, i, spec))
+        else:
+            raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema (SAT, CV-Bench)")
+    if multi:
+        print(f"{spec}: kept {len(out)} single-image rows, left out {multi} multi-image rows")
+    if not out:
+        raise ValueError(f"data set {spec!r} (split {split!r}) has no usable rows")
+    return out
+
+
+# --------------------------------------------------------------------------- the synthetic task
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+TASKS = ("Count", "Relation", "Depth", "Distance")
+
+
+def draw(d, shape, color, x, y, r):
+    box = [x - r, y - r, x + r, y + r]
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    else:
+        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=color)
+
+
+def synthetic_rows(n, seed):
+    """n rows of coloured shapes in CV-Bench's schema, one task per row in turn: Count, Relation
+    (left/right), Depth (the bigger object is closer) and Distance. Deterministic for a seed."""
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        task = TASKS[i % 4]
+        W, H = rng.choice([(112, 112), (112, 84), (84, 112)])
+        img = Image.new("RGB", (W, H), (245, 245, 245))
+        d = ImageDraw.Draw(img)
+        kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], 3)
+        name = [f"{c} {s}" for c, s in kinds]
+        if task == "Count":  # k shapes of one colour among distractors of other colours
+            color, k = rng.choice(list(COLORS)), rng.randint(1, 4)
+            others = [c for c in COLORS if c != color]
+            for j in range(k + rng.randint(0, 2)):
+                c = color if j < k else rng.choice(others)
+                draw(d, rng.choice(SHAPES), COLORS[c], rng.randint(8, W - 8), rng.randint(8, H - 8), 6)
+            q, choices = f"How many {color} shapes are in the image?", [str(k)]
+            choices += rng.sample([str(v) for v in range(0, 6) if v != k], 3)
+        elif task == "Relation":
+            xs = rng.sample(range(12, W - 12, 8), 2)
+            for (c, s), x in zip(kinds[:2], xs):
+                draw(d, s, COLORS[c], x, rng.randint(12, H - 12), 9)
+            q = f"Is the {name[0]} to the left or to the right of the {name[1]}?"
+            choices = ["left" if xs[0] < xs[1] else "right", "right" if xs[0] < xs[1] else "left"]
+        elif task == "Depth":
+            r = rng.sample([6, 9, 13, 17], 2)
+            for (c, s), rr, x in zip(kinds[:2], r, (W // 4, 3 * W // 4)):
+                draw(d, s, COLORS[c], x, H // 2, rr)
+            q = f"Which is closer to the camera, the {name[0]} or the {name[1]}?"
+            choices = [name[0], name[1]] if r[0] > r[1] else [name[1], name[0]]
+        else:  # Distance: which of two objects is nearer (in the picture) to a third
+            pts = [(rng.randint(10, W - 10), rng.randint(10, H - 10)) for _ in range(3)]
+            dist = [abs(complex(*pts[j]) - complex(*pts[0])) for j in (1, 2)]
+            while abs(dist[0] - dist[1]) < 10:  # no near ties: the question must have one answer
+                pts[2] = (rng.randint(10, W - 10), rng.randint(10, H - 10))
+                dist[1] = abs(complex(*pts[2]) - complex(*pts[0]))
+            for (c, s), (x, y) in zip(kinds, pts):
+                draw(d, s, COLORS[c], x, y, 7)
+            q = f"Which is closer to the {name[0]}, the {name[1]} or the {name[2]}?"
+            choices = [name[1], name[2]] if dist[0] < dist[1] else [name[2], name[1]]
+        gold = choices[0]
+        rng.shuffle(choices)
+        prompt = q + " Select from the following choices.\n" + "\n".join(
+            f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
+        rows.append({"image": img, "prompt": prompt, "question": q, "choices": choices, "task": task,
+                     "answer": f"({LETTERS[choices.index(gold)]})", "type": "2D" if i % 4 < 2 else "3D",
+                     "source": ("ADE20K", "COCO")[i // 4 % 2] if i % 4 < 2 else "Omni3D"})
+    return rows

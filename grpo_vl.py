@@ -1,0 +1,582 @@
+"""grpo-vl: GRPO reinforcement learning for vision-language models (Qwen2-VL / Qwen2.5-VL), in plain PyTorch.
+
+GRPO in five lines (RECIPES §G): for each prompt (image + question) sample a group of G completions;
+score each with rule-based rewards (G1); the advantage of a completion is its reward standardised
+within its group (G2) -- no value network; maximise the PPO-style clipped ratio objective (G3, G5)
+minus beta times a k3 estimate of the KL to the frozen starting model (G4), averaged per sequence (G6).
+
+Run it:
+    python grpo_vl.py --variant r1zero --model tiny --data synthetic --max-steps 20   # laptop CPU, seconds
+    python grpo_vl.py --variant r1zero                                                # one GPU
+    torchrun --nproc_per_node=4 grpo_vl.py --variant r1zero                           # 4 GPUs, FSDP2
+    python grpo_vl.py --eval --model runs/grpo/checkpoint --eval-data nyu-visionx/CV-Bench   # protocol E
+
+Deliberate simplifications:
+ 1. Rollouts use transformers' generate (KV cache) with the FSDP parameters gathered once per rollout,
+    not a separate inference engine (vLLM): slower, but one model, one set of weights, nothing to sync.
+ 2. Every rank loads the full model on CPU before sharding: host RAM = ranks x model size.
+ 3. With mu > 1 every policy epoch uses the whole rollout batch (no minibatch shuffling, as the papers).
+ 4. Gradients are reduce-scattered after every micro-batch (correct, a little more communication).
+ 5. Logged means over ranks are means of per-rank means (ranks hold equal numbers of completions).
+ 6. Trajectories are written from rank 0's completions only.
+"""
+import argparse
+import contextlib
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+import data
+import rewards as R
+
+
+# ============================================================================ 0. arguments
+@dataclass
+class Args:
+    variant: str = "r1zero"
+    """recipe (table V): r1zero | grpo. Its values are the defaults of the flags below"""
+    model: str = "Qwen/Qwen2-VL-2B"
+    """hub id or local folder of a Qwen2-VL / Qwen2.5-VL model, or 'tiny' (random weights, offline)"""
+    data: str = "array/SAT"
+    """training data: hub id, local folder or .json/.jsonl/.parquet file, or 'synthetic[:N]'"""
+    eval_data: str = "nyu-visionx/CV-Bench"
+    """evaluation data (protocol E), same forms as --data"""
+    out: str = "runs/grpo"
+    """output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json"""
+    prompt: str = "base"
+    """prompt style: base (P1, no chat template) | instruct (P2)"""
+    rewards: str = "accuracy,format"
+    """comma-separated rewards summed per G1: accuracy (R1), format (R2)"""
+    length_bonus: float = 0.0
+    """R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)"""
+    num_generations: int = 8
+    """G: completions sampled per prompt"""
+    prompts_per_step: int = 8
+    """prompts per optimizer step, summed over all ranks"""
+    temperature: float = 1.0
+    """T: sampling temperature, also applied to every log-prob (G8)"""
+    max_new_tokens: int = 700
+    """cap on completion length during training"""
+    lr: float = 1e-6
+    """AdamW learning rate, decayed linearly to 0"""
+    beta: float = 0.04
+    """KL coefficient (G4/G5); 0 loads no reference model"""
+    mu: int = 1
+    """policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached"""
+    eps: float = 0.2
+    """clip range of the ratio (G5)"""
+    loss_agg: str = "seq"
+    """seq: mean over tokens then over completions (G6, the papers) | token: over all tokens (DAPO)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    epochs: int = 2
+    """passes over the training data (when --max-steps is 0)"""
+    max_steps: int = 0
+    """optimizer steps; 0 = --epochs passes over the data"""
+    min_pixels: int = 3136
+    """images are resized (qwen-vl-utils) to at least this many pixels"""
+    max_pixels: int = 401408
+    """... and at most this many"""
+    micro_batch: int = 8
+    """sequences per forward/backward pass (gradients accumulate within a step)"""
+    gen_batch: int = 0
+    """prompts per generate() call; 0 = all of a rank's. 1 makes rollouts independent of the rank count"""
+    freeze: str = ""
+    """'vision' or 'llm': stop their gradients (the r1zero ablations)"""
+    seed: int = 0
+    """seed of the data order, the tiny model and the rollouts"""
+    save_every: int = 0
+    """write OUT/checkpoint every N steps (and always at the end); 0 = at the end only"""
+    eval_every: int = 0
+    """evaluate on --eval-data every N steps and at the end; 0 = never during training"""
+    eval: bool = False
+    """evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit"""
+    eval_max_new_tokens: int = 1024
+    """greedy decoding cap for evaluation (protocol E)"""
+    eval_limit: int = 0
+    """evaluate on the first N rows only; 0 = all"""
+    log_completions_every: int = 10
+    """write sampled completions with their rewards to OUT/trajectories/ every N steps"""
+
+
+# Table V. Every value is only a default: a flag given on the command line wins.
+VARIANTS = {
+    "r1zero": dict(model="Qwen/Qwen2-VL-2B", prompt="base", rewards="accuracy,format", num_generations=8,
+                   temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
+    "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="instruct", rewards="accuracy,format",
+                 num_generations=8, temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
+}
+# --model tiny is a laptop run: short completions, few prompts, offline data (flags still win).
+TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=64, prompts_per_step=4,
+            eval_max_new_tokens=64)
+
+
+def parse_args(argv=None):
+    """Flags from the dataclass; help text is the docstring under each field."""
+    docs = dict(re.findall(r'\n    (\w+): .*\n    """(.*?)"""', inspect.getsource(Args)))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(Args):
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=docs[f.name], **kind)
+    given = vars(p.parse_args(argv))
+    variant = given.get("variant", Args.variant)
+    if variant not in VARIANTS:
+        p.error(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    defaults = {**VARIANTS[variant], **(TINY if given.get("model") == "tiny" else {})}
+    args = Args(**{**defaults, **given})
+    for name in args.rewards.split(","):
+        if name not in R.REWARDS:
+            p.error(f"--rewards: unknown reward {name!r} (known: {', '.join(R.REWARDS)})")
+    if args.num_generations < 2:
+        p.error("--num-generations must be at least 2: a group of one has no relative advantage (G2)")
+    return args
+
+
+# ============================================================================ models
+TINY_TEMPLATE = ("{% for m in messages %}{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a "
+                 "helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{% if m.content is string %}"
+                 "{{ m.content }}{% else %}{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|>"
+                 "<|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+           "<|image_pad|>", "<|video_pad|>"]
+VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
+
+
+def build_tiny(seed=0, hidden=64, layers=2):
+    """A random-weight Qwen2-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on the spot
+    on the prompts and the synthetic task: real processor, real model class, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    corpus = [data.P1 + data.P2] + [r["prompt"] for r in data.synthetic_rows(200, 12345)]
+    corpus += ["<think> I see the image. Wait, let me check. </think> <answer> (A) </answer> 0123456789"] * 20
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    ids = tok.convert_tokens_to_ids
+    special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|endoftext|>"),
+                   pad_token_id=ids("<|endoftext|>"))
+    heads = 4
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
+                         num_hidden_layers=layers, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": mrope_section(hidden // heads)}, **special),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False, **special)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_TEMPLATE)
+    return model, processor
+
+
+def mrope_section(head_dim):
+    """M-RoPE splits head_dim/2 rotary frequencies over (time, height, width), as [16, 24, 24] of 64."""
+    t = head_dim // 2 // 4
+    return [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+
+
+def load_model(args):
+    """(model, processor, eos ids, banned ids). Real models through the auto classes, fp32 master weights."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    if args.model == "tiny":
+        model, processor = build_tiny(args.seed)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(args.model)
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
+    gc_eos = model.generation_config.eos_token_id
+    eos = sorted({i for i in ids + (gc_eos if isinstance(gc_eos, list) else [gc_eos]) if i is not None})
+    # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
+    # penalty 1.05). Replace it: RL must sample from, and score, the plain tempered distribution (G8).
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    banned = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return model, processor, eos, banned
+
+
+def freeze(model, part):
+    """The r1zero ablations: really stop gradients (the released flag froze nothing)."""
+    if part == "vision":
+        model.model.visual.requires_grad_(False)
+    elif part == "llm":
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    elif part:
+        raise SystemExit(f"--freeze {part!r}: expected 'vision' or 'llm'")
+
+
+# ============================================================================ FSDP2 (I9)
+def shard(model, mesh, device):
+    """fully_shard each vision block, each decoder layer, the vision tower, then the root. On GPU:
+    bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Gather the parameters once for a whole generate() call. Without this every generated token
+    all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
+# ============================================================================ batches (I3)
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def take(batch, idx):
+    """Sequences `idx` of a batch. pixel_values holds one row per image patch of all images of the batch,
+    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen samples' images.
+    take(b, arange(P).repeat_interleave(G)) expands prompts to their groups; never .repeat, which
+    would interleave the groups."""
+    idx = torch.as_tensor(idx)
+    n_img = batch["n_images"]                                          # (B,) images per sample
+    first_img = n_img.cumsum(0) - n_img
+    images = torch.cat([torch.arange(first_img[i], first_img[i] + n_img[i]) for i in idx])
+    n_patch = batch["image_grid_thw"].prod(-1)                         # (n_images,) rows per image
+    first_patch = n_patch.cumsum(0) - n_patch
+    rows = torch.cat([torch.arange(first_patch[j], first_patch[j] + n_patch[j]) for j in images])
+    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    return {**out, "image_grid_thw": batch["image_grid_thw"][images], "pixel_values": batch["pixel_values"][rows]}
+
+
+def encode(processor, exs, args):
+    b = dict(data.encode(processor, exs, args.prompt, args.min_pixels, args.max_pixels))
+    b["n_images"] = torch.tensor([len(ex["images"]) for ex in exs])
+    return b
+
+
+# ============================================================================ 1. rollout
+@torch.no_grad()
+def rollout(model, processor, exs, args, eos, banned, device, seed):
+    """Sample G completions per prompt (G8: at temperature T, nothing else: top_k=0 and top_p=1 undo
+    transformers' defaults). Returns one batch per generate() call with its completions and G9 masks."""
+    G, n = args.num_generations, args.gen_batch or len(exs)
+    batches = []
+    with gathered(model):
+        for start in range(0, len(exs), n):
+            chunk = exs[start:start + n]
+            b = take(encode(processor, chunk, args), torch.arange(len(chunk)).repeat_interleave(G))  # (P*G, L)
+            torch.manual_seed(seed + start)  # depends on the prompt's global index only, not on the rank count
+            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, do_sample=True,
+                                  temperature=args.temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=args.max_new_tokens, suppress_tokens=banned)
+            b["completion"] = seqs[:, b["input_ids"].shape[1]:].cpu()          # (P*G, C)
+            b["mask"], b["truncated"] = completion_mask(b["completion"], eos)
+            batches.append(b)
+    return batches
+
+
+def completion_mask(completion, eos):
+    """G9: a completion counts up to and including its first EOS; what follows is padding."""
+    is_eos = torch.isin(completion, torch.tensor(eos))
+    C = completion.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)           # (N,) index of the first EOS
+    return (torch.arange(C)[None] <= first[:, None]).float(), ~is_eos.any(1)
+
+
+# ============================================================================ log-probs (G8, I6, I7)
+def token_logprobs(model, b, T, banned, device):
+    """log pi(o_t | q, o_<t) of each completion token, from logits / T with the sampling-time banned
+    tokens removed: exactly the distribution the token was drawn from (G8)."""
+    comp = b["completion"].to(device)
+    C = comp.shape[1]
+    out = model(input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
+                attention_mask=torch.cat([b["attention_mask"].to(device), b["mask"].to(device).long()], 1),
+                mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
+                pixel_values=b["pixel_values"].to(device), image_grid_thw=b["image_grid_thw"].to(device),
+                logits_to_keep=C + 1, use_cache=False)                           # I7: completion positions only
+    logits = out.logits[:, :-1].float() / T                                       # (N, C, V) predicts comp
+    logits[..., banned] = float("-inf")
+    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (N, C)
+
+
+# ============================================================================ 3. advantage (G2)
+def group_advantages(r, G):
+    """G2: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std, one A_i per completion.
+    A group whose rewards are all equal teaches nothing: A = 0 exactly; frac_zero_std counts them."""
+    r = r.view(-1, G)                                                        # (P, G)
+    A = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    flat = r.max(1).values == r.min(1).values                                # (P,)
+    return A.masked_fill(flat[:, None], 0.0).view(-1), flat.float().mean().item()
+
+
+# ============================================================================ 5. the loss (G3-G6)
+def grpo_objective(logp, old, ref, A, mask, beta, eps):
+    """Per-token L = min(rho*A, clip(rho, 1-eps, 1+eps)*A) - beta*D, with
+    rho = exp(logp - old) (G3) and the k3 KL  D = exp(ref - logp) - (ref - logp) - 1 >= 0 (G4).
+    Returns L (N, C) and the per-token D (zeros when there is no reference)."""
+    ratio = torch.exp(logp - old)                                             # (N, C) G3
+    surrogate = torch.min(ratio * A[:, None], ratio.clamp(1 - eps, 1 + eps) * A[:, None])  # G5
+    D = torch.exp(ref - logp) - (ref - logp) - 1 if ref is not None else torch.zeros_like(logp)  # G4
+    return surrogate - beta * D, D, ((ratio - 1).abs() > eps).float()
+
+
+def aggregate(L, mask, how):
+    """G6: sum over the batch of (1/|o_i|) sum_t L_it  (seq), or of sum_t L_it  (token; divide later)."""
+    per_seq = (L * mask).sum(1)
+    return (per_seq / mask.sum(1).clamp(min=1)).sum() if how == "seq" else per_seq.sum()
+
+
+# ============================================================================ evaluation (protocol E)
+@torch.no_grad()
+def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
+    """Greedy decoding; an answer is right as R1 judges it. Accuracy overall (micro), per task, and
+    CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2."""
+    model.eval()
+    exs = exs[:args.eval_limit or None]
+    mine = list(range(rank, len(exs), world))
+    results = []
+    with gathered(model):
+        for s in range(0, len(mine), 16):
+            chunk = [exs[i] for i in mine[s:s + 16]]
+            b = encode(processor, chunk, args)
+            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, do_sample=False,
+                                  max_new_tokens=args.eval_max_new_tokens, suppress_tokens=banned)
+            texts = processor.batch_decode(seqs[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
+            for ex, text in zip(chunk, texts):
+                text = completion_text(text, args)
+                results.append((ex["task"], ex["source"], R.accuracy(text, ex), R.think_answer_format(text)))
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, results)
+        results = [r for rs in everyone for r in rs]
+    model.train()
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    acc = lambda key: mean([r[2] for r in results if key in r[:2]])
+    report = {"n": len(results), "accuracy": mean([r[2] for r in results]), "format": mean([r[3] for r in results]),
+              "per_task": {t: acc(t) for t in sorted({r[0] for r in results})}}
+    if {"ADE20K", "COCO", "Omni3D"} <= {r[1] for r in results}:
+        report["cvbench_combined"] = ((acc("ADE20K") + acc("COCO")) / 2 + acc("Omni3D")) / 2
+    return report
+
+
+def completion_text(text, args):
+    """What the rewards read: P1 ends its prompt with an opened <think>, so put it back (R2)."""
+    return "<think>" + text if args.prompt == "base" else text
+
+
+# ============================================================================ checkpoints
+def save_checkpoint(model, processor, path, rank):
+    """Full state dict gathered on rank 0 and written with save_pretrained: any transformers user can load it."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = model.state_dict()
+    if rank == 0:
+        model.save_pretrained(path, state_dict=sd)
+        processor.save_pretrained(path)
+
+
+# ============================================================================ the training loop
+def main(argv=None):
+    args = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    mesh = None
+    if world > 1:  # torchrun: one process per device, FSDP2 over all of them
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (world,))
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by {world} ranks")
+    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints and writes
+    os.makedirs(args.out, exist_ok=True)
+    random.seed(args.seed)
+
+    model, processor, eos, banned = load_model(args)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
+    freeze(model, args.freeze)
+    for m in (model, ref):
+        if m is not None:
+            shard(m, mesh, device) if mesh is not None else m.to(device)
+    # Single GPU without torchrun: bf16 autocast over fp32 weights (FSDP's policy does this otherwise).
+    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and mesh is None else contextlib.nullcontext()
+    eval_exs = load_examples_or_exit(args.eval_data, "test", args.seed) if args.eval or args.eval_every else None
+    if args.eval:
+        with amp:
+            report = evaluate(model, processor, eval_exs, args, eos, banned, device, rank, world)
+        log(json.dumps(report, indent=1))
+        if rank == 0:
+            json.dump(report, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+        return finish(world)
+
+    exs = load_examples_or_exit(args.data, "train", args.seed)
+    P, G = args.prompts_per_step, args.num_generations
+    steps = args.max_steps or args.epochs * (len(exs) // P)
+    order = []  # the data order: one seeded permutation per epoch, as many epochs as the steps need
+    while len(order) < steps * P:
+        order += random.Random(args.seed + len(order)).sample(range(len(exs)), len(exs))
+    reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}
+    if args.length_bonus:
+        reward_fns["length"] = lambda text, ex, n: R.length_bonus(text, ex, n, per_token=args.length_bonus)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    log(f"{args.variant}: {steps} steps x {P} prompts x G={G} on {world} rank(s), {device}; "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {args.out}")
+
+    for step in range(1, steps + 1):
+        t0 = time.time()
+        # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
+        local = order[(step - 1) * P:step * P][rank * P // world:(rank + 1) * P // world]
+        mine = [exs[i] for i in local]
+        with amp:
+            batches = rollout(model, processor, mine, args, eos, banned, device,
+                              seed=args.seed + 1_000_003 * step + rank * P // world)
+        t1 = time.time()
+        # ---- 2. reward (G1): sum of the variant's rewards; per-sample data stays aligned with its group (I8)
+        texts, ex_of, n_tok, trunc = [], [], [], []
+        for b, start in zip(batches, range(0, len(mine), args.gen_batch or len(mine))):
+            texts += processor.batch_decode(b["completion"], skip_special_tokens=True)
+            ex_of += [mine[start + i // G] for i in range(len(b["completion"]))]
+            n_tok += b["mask"].sum(1).tolist()
+            trunc += b["truncated"].tolist()
+        texts = [completion_text(t, args) for t in texts]
+        per_fn = {name: torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
+                  for name, fn in reward_fns.items()}
+        r = sum(per_fn.values())                                                # (P_local*G,) G1
+        # ---- 3. advantage (G2), within each group
+        A, frac_zero_std = group_advantages(r, G)
+        t2 = time.time()
+        # ---- 4. reference (G4) and old (G7) log-probs, no grad; split into micro-batches
+        micro, a = [], 0
+        for b in batches:
+            for s in range(0, len(b["completion"]), args.micro_batch):
+                mb = take(b, torch.arange(s, min(s + args.micro_batch, len(b["completion"]))))
+                mb["A"] = A[a + s:a + s + len(mb["completion"])]
+                micro.append(mb)
+            a += len(b["completion"])
+        with torch.no_grad(), amp:
+            for mb in micro:
+                mb["ref"] = token_logprobs(ref, mb, args.temperature, banned, device) if ref is not None else None
+                # mu = 1: pi_old is pi_theta itself, detached below; no extra forward (G7)
+                mb["old"] = token_logprobs(model, mb, args.temperature, banned, device) if args.mu > 1 else None
+        t3 = time.time()
+        # ---- 5. policy update: mu epochs over the rollout batch (G5, G6)
+        n_tokens = sum(mb["mask"].sum() for mb in micro)
+        if args.loss_agg == "token" and world > 1:
+            dist.all_reduce(n_tokens)
+        denom = len(r) if args.loss_agg == "seq" else n_tokens / world  # FSDP averages gradients over ranks
+        for epoch in range(args.mu):
+            opt.zero_grad(set_to_none=True)
+            kl = clip = loss_sum = 0.0
+            for mb in micro:
+                mask = mb["mask"].to(device)
+                with amp:
+                    logp = token_logprobs(model, mb, args.temperature, banned, device)  # (n, C)
+                old = logp.detach() if mb["old"] is None else mb["old"]          # G7: rho = 1 at mu = 1
+                L, D, clipped = grpo_objective(logp, old, mb["ref"], mb["A"].to(device), mask, args.beta, args.eps)
+                loss = -aggregate(L, mask, args.loss_agg) / denom
+                loss.backward()
+                loss_sum += loss.item()
+                kl += ((D * mask).sum() / n_tokens).item()
+                clip += ((clipped * mask).sum() / n_tokens).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            opt.step()
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        t4 = time.time()
+        # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
+        group_std = r.view(-1, G).std(1).mean().item()
+        stats = {"reward": r.mean().item(), "reward_std": group_std, "frac_zero_std": frac_zero_std,
+                 **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
+                 "completion_len": sum(n_tok) / len(n_tok), "truncated_frac": sum(trunc) / len(trunc),
+                 "kl": kl, "clip_frac": clip, "loss": loss_sum, "grad_norm": grad_norm.item(),
+                 "reflection_rate": sum(map(R.reflects, texts)) / len(texts)}
+        if world > 1:
+            vec = torch.tensor(list(stats.values()), device=device)
+            dist.all_reduce(vec)
+            stats = dict(zip(stats, (vec / world).tolist()))
+            stats["grad_norm"] = grad_norm.item()
+            mx = torch.tensor(max(n_tok), device=device)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        stats.update(step=step, phase="rl", completion_len_max=(mx.item() if world > 1 else max(n_tok)),
+                     lr=lr, step_time=time.time() - t0,
+                     **{"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/ref_old": t3 - t2,
+                        "time/update": t4 - t3})
+        if rank == 0:
+            metrics_file.write(json.dumps(stats) + "\n")
+            metrics_file.flush()
+        log(f"step {step}/{steps} | reward {stats['reward']:.3f} (std {group_std:.2f}, zero-std {frac_zero_std:.2f}) "
+            f"| acc {stats.get('rewards/accuracy', float('nan')):.3f} | len {stats['completion_len']:.0f} "
+            f"(cut {stats['truncated_frac']:.0%}) | kl {kl:.2e} | {stats['step_time']:.1f}s")
+        if rank == 0 and args.log_completions_every and step % args.log_completions_every in (0, 1):
+            os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)
+            with open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
+                for i, (t, ex) in enumerate(zip(texts, ex_of)):
+                    f.write(json.dumps({"question": ex["question"], "answer": ex["answer"], "completion": t,
+                                        "rewards": {k: v[i].item() for k, v in per_fn.items()},
+                                        "advantage": A[i].item(), "tokens": n_tok[i]}) + "\n")
+        # ---- 7. evaluate and checkpoint
+        if args.eval_every and (step % args.eval_every == 0 or step == steps):
+            with amp:
+                report = evaluate(model, processor, eval_exs, args, eos, banned, device, rank, world)
+            log(f"eval step {step}: accuracy {report['accuracy']:.3f} format {report['format']:.3f}")
+            if rank == 0:
+                json.dump(report, open(os.path.join(args.out, f"eval_step{step}.json"), "w"), indent=1)
+        if step == steps or (args.save_every and step % args.save_every == 0):
+            save_checkpoint(model, processor, os.path.join(args.out, "checkpoint"), rank)
+            if rank == 0:
+                json.dump(asdict(args), open(os.path.join(args.out, "checkpoint", "args.json"), "w"), indent=1)
+    finish(world)
+
+
+def load_examples_or_exit(spec, split, seed):
+    try:
+        return data.load_examples(spec, split, seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def finish(world):
+    if world > 1:
+        dist.barrier()  # a teardown race was seen without it
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Rewards (RECIPES §R). Every reward is a plain function
+
+    reward(text, ex, n_tokens) -> float
+
+of the completion `text` (with the `<think>` that a P1 prompt opened put back in front), the data row
+`ex` (its gold `answer`, lettered `choices` if any) and the completion's token count. G1 sums them.
+
+Model output is hostile input. Nothing here raises on any string, nothing evaluates model text as code
+(no eval/exec/sympify: numbers go through the small parser below), and every scan is linear: tags are
+found with str.find/rfind, never with a backtracking regex over the whole completion.
+"""
+import math
+import re
+
+# --------------------------------------------------------------------------- answer extraction (R1)
+def last_tag(text, tag):
+    """Contents of the last <tag>...</tag> (DOTALL), stripped; None if there is none."""
+    end = text.rfind(f"</{tag}>")
+    start = text.rfind(f"<{tag}>", 0, max(end, 0))
+    return None if end < 0 or start < 0 else text[start + len(tag) + 2:end].strip()
+
+
+# --------------------------------------------------------------------------- answer equality (R1)
+NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven "
+                                           "twelve thirteen fourteen fifteen sixteen seventeen eighteen "
+                                           "nineteen twenty".split())}
+MAX_ANSWER = 200  # longer "answers" are compared as strings only; the parser below never sees them
+
+
+def normalize(s):
+    """Strip the wrappers an answer comes in ($..$, \\boxed{}, \\text{}, 'answer:'), case and outer punctuation."""
+    s = s.strip()[:MAX_ANSWER * 5].lower()
+    for _ in range(3):  # a few layers of wrapping, no more: bounded work on hostile nesting
+        s = re.sub(r"^(?:the )?(?:final )?answer(?: is)?\s*[:：]?\s*", "", s).strip()
+        s = s.strip("$ ").replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
+        m = re.fullmatch(r"\\(?:boxed|text|mathrm|textbf)\{(.*)\}", s, re.S)
+        s = m.group(1).strip() if m else s
+    s = re.sub(r"\s+", " ", s).strip(" .,;:!?\"'`")
+    return s[:-1].strip() if s.endswith(".") else s
+
+
+def parse_number(s):
+    """A float from a number, a number word or simple math (\\frac, a/b, \\sqrt, products, + -), or None.
+
+    A recursive-descent parser over a whitelist of tokens: digits, . + - * / ( ) { } \\frac \\sqrt.
+    Anything else (letters, ^, function calls, code) is not a number. Length-capped, so depth-capped."""
+    s = s.strip()
+    if s in NUMBER_WORDS:
+        return float(NUMBER_WORDS[s])
+    s = re.sub(r"\\[dt]frac", r"\\frac", s.replace(" ", "")).replace("\\cdot", "*").replace("\\times", "*")
+    s = re.sub(r"(\^\{?\\circ\}?|°|\\%|%)$", "", s)  # 30°, 30^\circ, 50%: the number
+    if not s or len(s) > 100:
+        return None
+    toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)
+    pos = [0]
+
+    def peek():
+        return toks[pos[0]] if pos[0] < len(toks) else None
+
+    def take(expected=None):
+        t = peek()
+        if t is None or (expected is not None and t != expected):
+            raise ValueError(t)
+        pos[0] += 1
+        return t
+
+    def expr():  # expr := term (('+'|'-') term)*
+        v = term()
+        while peek() in ("+", "-"):
+            v = v + term() if take() == "+" else v - term()
+        return v
+
+    def term():  # term := factor (('*'|'/'|implicit) factor)*   -- "2\sqrt{3}" is 2*sqrt(3)
+        v = factor()
+        while peek() is not None and peek() not in ("+", "-", ")", "}"):
+            op = take() if peek() in ("*", "/") else "*"
+            v = v * factor() if op == "*" else v / factor()
+        return v
+
+    def factor():
+        t = take()
+        if t == "-":
+            return -factor()
+        if t in ("(", "{"):
+            v = expr()
+            take(")" if t == "(" else "}")
+            return v
+        if t == "\\frac":
+            take("{"); a = expr(); take("}"); take("{"); b = expr(); take("}")
+            return a / b
+        if t == "\\sqrt":
+            take("{"); a = expr(); take("}")
+            return math.sqrt(a)
+        return float(t)  # raises on anything that is not a number token
+
+    try:
+        v = expr()
+        return v if pos[0] == len(toks) and math.isfinite(v) else None
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+
+
+def answers_equal(pred, gold):
+    """Normalised strings equal, or both parse to the same number."""
+    p, g = normalize(pred), normalize(gold)
+    if p == g:
+        return True
+    x, y = parse_number(p), parse_number(g)
+    return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+
+
+LETTER = re.compile(r"\(?([a-z])\)?[.:)]?")                   # "a", "(a)", "a.", "a)"
+LETTER_AND_TEXT = re.compile(r"\(?([a-z])[.:)]\s*(.{1,200})")  # "(a) left", "a. left"
+
+
+def is_correct(pred, ex):
+    """R1 equality. With lettered choices (CV-Bench style) the letter or the option's text counts."""
+    if pred is None:
+        return False
+    if answers_equal(pred, ex["answer"]):
+        return True
+    choices = ex.get("choices")
+    if not choices or ex["answer"] not in choices:
+        return False
+    gold_letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(ex["answer"])]
+    p = normalize(pred)
+    if m := LETTER.fullmatch(p):
+        return m.group(1) == gold_letter
+    m = LETTER_AND_TEXT.fullmatch(p)
+    return bool(m) and m.group(1) == gold_letter and answers_equal(m.group(2), ex["answer"])
+
+
+# --------------------------------------------------------------------------- the rewards
+def accuracy(text, ex, n_tokens=0):
+    """R1: 1 if the answer inside the last <answer>...</answer> equals the ground truth, else 0."""
+    return float(is_correct(last_tag(text, "answer"), ex))
+
+
+def think_answer_format(text, ex=None, n_tokens=0):
+    """R2: 1 if text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) + trailing space.
+
+    Same language as re.fullmatch of that pattern, decided in linear time: the text starts with <think>,
+    ends with </answer>, and somewhere between them stands '</think>', optional space, '<answer>'."""
+    t = text.rstrip()
+    if not (t.startswith("<think>") and t.endswith("</answer>")):
+        return 0.0
+    middle = t[len("<think>"):len(t) - len("</answer>")]
+    i = middle.find("</think>")
+    while i >= 0:  # each '</think>' is looked at once; the space after it is skipped once
+        j = i + len("</think>")
+        while j < len(middle) and middle[j].isspace():
+            j += 1
+        if middle.startswith("<answer>", j):
+            return 1.0
+        i = middle.find("</think>", j)
+    return 0.0
+
+
+def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
+    """R3 (VisualThinker §5.3 ablation, shown not to help): +0.001 per completion token, uncapped."""
+    return per_token * n_tokens
+
+
+REWARDS = {"accuracy": accuracy, "format": think_answer_format, "length": length_bonus}
+
+# --------------------------------------------------------------------------- R7, a metric
+REFLECTION = re.compile(r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"
+                        r"on second thought|alternatively|double[- ]check)\b")
+
+
+def reflects(text):
+    """R7: does the completion contain self-reflection? (the 'aha moment' signal; a metric only)."""
+    return REFLECTION.search(text.lower()) is not None
