@@ -234,6 +234,10 @@ def shard(model, mesh, device):
         else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
+    # FSDP takes the first module to run forward as its root, and transformers' generate runs the vision
+    # tower on its own before the model's forward. One text-only forward through the root settles it.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     return model
 
 
@@ -287,8 +291,8 @@ def encode(processor, exs, args):
 # ============================================================================ 1. rollout
 @torch.no_grad()
 def rollout(model, processor, exs, args, eos, banned, device, seed):
-    """Sample G completions per prompt (G8: at temperature T, nothing else: top_k=0 and top_p=1 undo
-    transformers' defaults). Returns one batch per generate() call with its completions and G9 masks."""
+    """Sample G completions per prompt (G8) with the KV cache. Returns one batch per generate() call,
+    each with its completions and their G9 masks."""
     G, n = args.num_generations, args.gen_batch or len(exs)
     batches = []
     with gathered(model):
@@ -296,13 +300,18 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
             chunk = exs[start:start + n]
             b = take(encode(processor, chunk, args), torch.arange(len(chunk)).repeat_interleave(G))  # (P*G, L)
             torch.manual_seed(seed + start)  # depends on the prompt's global index only, not on the rank count
-            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, do_sample=True,
-                                  temperature=args.temperature, top_k=0, top_p=1.0,
-                                  max_new_tokens=args.max_new_tokens, suppress_tokens=banned)
+            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
             b["completion"] = seqs[:, b["input_ids"].shape[1]:].cpu()          # (P*G, C)
             b["mask"], b["truncated"] = completion_mask(b["completion"], eos)
             batches.append(b)
     return batches
+
+
+def sampling(args, banned):
+    """generate() settings of a rollout: plain sampling at T. transformers would otherwise keep only the
+    top 50 tokens (its default top_k), and hub configs add more; the scoring forward assumes none of it."""
+    return dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                max_new_tokens=args.max_new_tokens, suppress_tokens=banned)
 
 
 def completion_mask(completion, eos):

@@ -1,0 +1,80 @@
+"""Each equation of RECIPES §G pinned to numbers computed by hand."""
+import math
+
+import torch
+
+from grpo_vl import aggregate, completion_mask, group_advantages, grpo_objective
+
+
+def test_g2_group_advantage_by_hand():
+    # group 1: rewards 0, 1, 1, 2 -> mean 1, unbiased std sqrt((1+0+0+1)/3) = 0.8165
+    # group 2: all equal -> A = 0 exactly, counted in frac_zero_std
+    r = torch.tensor([0.0, 1.0, 1.0, 2.0, 0.1, 0.1, 0.1, 0.1])
+    A, frac_zero = group_advantages(r, G=4)
+    s = math.sqrt(2 / 3)
+    expected = [-1 / (s + 1e-4), 0.0, 0.0, 1 / (s + 1e-4), 0.0, 0.0, 0.0, 0.0]
+    assert torch.allclose(A, torch.tensor(expected), atol=1e-6)
+    assert (A[4:] == 0).all()  # exactly zero, not 1e-13
+    assert frac_zero == 0.5
+
+
+def test_g2_groups_are_contiguous():
+    # two groups of two: [1, 0] and [5, 7]; a .repeat layout would mix them
+    A, _ = group_advantages(torch.tensor([1.0, 0.0, 5.0, 7.0]), G=2)
+    s1, s2 = math.sqrt(0.5), math.sqrt(2.0)  # unbiased std of two values 1 and 2 apart
+    expected = [0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4), -1 / (s2 + 1e-4), 1 / (s2 + 1e-4)]
+    assert torch.allclose(A, torch.tensor(expected), atol=1e-6)
+
+
+def test_g3_g4_g5_per_token_by_hand():
+    # one completion, two tokens; A = 1.5 (positive) and a second sequence with A = -2
+    logp = torch.tensor([[math.log(0.5), math.log(0.2)], [math.log(0.5), math.log(0.2)]])
+    old = torch.tensor([[math.log(0.25), math.log(0.2)], [math.log(0.25), math.log(0.4)]])
+    ref = torch.tensor([[math.log(0.4), math.log(0.1)], [math.log(0.4), math.log(0.1)]])
+    A = torch.tensor([1.5, -2.0])
+    L, D, clipped = grpo_objective(logp, old, ref, A, torch.ones(2, 2), beta=0.04, eps=0.2)
+    # ratios: [[2, 1], [2, 0.5]]
+    # seq 0: t0 min(2*1.5, 1.2*1.5)=1.8 ; t1 min(1.5, 1.5)=1.5
+    # seq 1: t0 min(2*-2, 1.2*-2)=-4    ; t1 min(0.5*-2, 0.8*-2)=-1.6 (the pessimistic side)
+    # k3: D = q - log q - 1 with q = ref/pi: t0 q = 0.8 -> 0.8 - ln 0.8 - 1 ; t1 q = 0.5 -> 0.5 - ln 0.5 - 1
+    d0, d1 = 0.8 - math.log(0.8) - 1, 0.5 - math.log(0.5) - 1
+    assert torch.allclose(D, torch.tensor([[d0, d1], [d0, d1]]), atol=1e-6)
+    expected = torch.tensor([[1.8 - 0.04 * d0, 1.5 - 0.04 * d1], [-4 - 0.04 * d0, -1.6 - 0.04 * d1]])
+    assert torch.allclose(L, expected, atol=1e-6)
+    assert clipped.tolist() == [[1.0, 0.0], [1.0, 1.0]]  # |rho - 1| > eps
+
+
+def test_g4_k3_is_zero_at_reference_and_positive_elsewhere():
+    logp = torch.log(torch.tensor([[0.3, 0.9, 0.01]]))
+    _, D, _ = grpo_objective(logp, logp, logp, torch.zeros(1), torch.ones(1, 3), 0.04, 0.2)
+    assert torch.equal(D, torch.zeros(1, 3))
+    _, D, _ = grpo_objective(logp, logp, logp - 0.3, torch.zeros(1), torch.ones(1, 3), 0.04, 0.2)
+    assert (D > 0).all() and torch.allclose(D, torch.full((1, 3), math.exp(-0.3) + 0.3 - 1))
+
+
+def test_g7_mu1_loss_is_beta_kl_but_gradient_is_not_zero():
+    logp = torch.log(torch.tensor([[0.5, 0.2]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.4, 0.1]]))
+    L, D, _ = grpo_objective(logp, logp.detach(), ref, torch.tensor([1.0]), torch.ones(1, 2), 0.04, 0.2)
+    loss = -aggregate(L, torch.ones(1, 2), "seq")
+    # value: -(A*1 - beta*mean D) = -1 + 0.04*mean(D)
+    assert math.isclose(loss.item(), -1 + 0.04 * D.mean().item(), rel_tol=1e-6)
+    loss.backward()
+    # d/dlogp of -(rho*A)/2 = -A/2 per token at rho = 1, plus the KL term's 0.04*(1 - ref/pi)/2
+    q = torch.tensor([0.8, 0.5])
+    assert torch.allclose(logp.grad[0], -0.5 + 0.02 * (1 - q), atol=1e-6)
+
+
+def test_g6_sequence_mean_weights_short_answers_more():
+    L = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert aggregate(L, mask, "seq").item() == 1.0 + 4.0   # (4/4) + (4/1)
+    assert aggregate(L, mask, "token").item() == 8.0        # divided by 5 tokens later
+
+
+def test_g9_mask_up_to_and_including_first_eos():
+    eos = [9, 7]
+    comp = torch.tensor([[1, 2, 9, 9, 9], [1, 7, 3, 9, 9], [1, 2, 3, 4, 5], [9, 9, 9, 9, 9]])
+    mask, truncated = completion_mask(comp, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]

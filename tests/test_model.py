@@ -1,0 +1,110 @@
+"""The tiny Qwen2-VL: scoring log-probs equal sampling log-probs (G8), batching of images (I3), banned
+vision tokens (I5), loading from a saved folder."""
+import torch
+
+import data
+import grpo_vl as g
+
+
+def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0):
+    model, processor, eos, banned = tiny
+    args = g.parse_args(["--model", "tiny", "--temperature", str(T), "--max-new-tokens", str(max_new)])
+    b = g.take(g.encode(processor, exs, args), torch.arange(len(exs)).repeat_interleave(G))
+    torch.manual_seed(seed)
+    out = model.generate(**{k: b[k] for k in g.MODEL_KEYS}, **g.sampling(args, banned), output_scores=True,
+                         return_dict_in_generate=True)
+    b["completion"] = out.sequences[:, b["input_ids"].shape[1]:]
+    b["mask"], b["truncated"] = g.completion_mask(b["completion"], eos)
+    return b, torch.stack(out.scores, 1), args
+
+
+def test_images_differ_in_size_and_prompts_are_left_padded(tiny, examples):
+    _, processor, _, _ = tiny
+    exs = [examples[1], examples[2], examples[3]]
+    b = g.encode(processor, exs, g.parse_args(["--model", "tiny"]))
+    assert len({tuple(t) for t in b["image_grid_thw"].tolist()}) > 1, "the test needs different image sizes"
+    assert (b["attention_mask"][:, -1] == 1).all() and (b["attention_mask"][:, 0] == 0).any()  # left padding
+    # I4: per sample, image tokens = grid.prod() / merge^2
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (b["input_ids"] == image_id).sum(1).tolist() == (b["image_grid_thw"].prod(-1) // 4).tolist()
+
+
+def test_g8_scoring_logprobs_equal_sampling_distribution(tiny, examples):
+    """Left-padded batch of prompts with different image sizes, temperature 0.7: the scoring forward
+    gives exactly the log-probs of the distribution each token was sampled from."""
+    model, _, _, banned = tiny
+    b, scores, args = rollout_batch(tiny, [examples[1], examples[2], examples[3]], G=2)
+    sampled = scores.log_softmax(-1).gather(-1, b["completion"][..., None]).squeeze(-1)  # (N, C)
+    with torch.no_grad():
+        scored = g.token_logprobs(model, b, args.temperature, banned, torch.device("cpu"))
+    m = b["mask"].bool()
+    assert m.sum() > 20
+    assert torch.allclose(scored[m], sampled[m], atol=2e-4), (scored[m] - sampled[m]).abs().max()
+    # and at a different temperature they would not match: the test can fail
+    with torch.no_grad():
+        wrong = g.token_logprobs(model, b, 1.0, banned, torch.device("cpu"))
+    assert (wrong[m] - sampled[m]).abs().max() > 1e-2
+
+
+def test_i5_vision_tokens_are_never_sampled(tiny, examples):
+    _, processor, _, banned = tiny
+    b, _, _ = rollout_batch(tiny, [examples[0], examples[1]], G=8, T=3.0, max_new=40, seed=1)
+    assert not torch.isin(b["completion"], torch.tensor(banned)).any()
+
+
+def test_i3_take_slices_pixel_values_per_sample(tiny, examples):
+    """Expanding 3 prompts (different image sizes) to groups and picking sequences out of the batch gives
+    exactly what encoding those prompts on their own gives; and their log-probs agree."""
+    model, processor, _, banned = tiny
+    args = g.parse_args(["--model", "tiny"])
+    exs = [examples[1], examples[2], examples[3]]
+    full = g.take(g.encode(processor, exs, args), torch.arange(3).repeat_interleave(2))  # (6, L)
+    for i in range(3):
+        alone = g.encode(processor, [exs[i]], args)
+        for row in (2 * i, 2 * i + 1):
+            one = g.take(full, [row])
+            assert torch.equal(one["pixel_values"], alone["pixel_values"])
+            assert torch.equal(one["image_grid_thw"], alone["image_grid_thw"])
+    # .repeat (the peers' bug) would put prompt 1's image under sequence 1: check we don't
+    assert torch.equal(g.take(full, [1])["pixel_values"], g.take(full, [0])["pixel_values"])
+    # scoring a sub-batch = scoring each sequence alone (padding and image rows handled)
+    b, _, _ = rollout_batch(tiny, exs, G=2)
+    with torch.no_grad():
+        together = g.token_logprobs(model, b, 0.7, banned, torch.device("cpu"))
+        for row in (1, 4):
+            one = g.take(b, [row])
+            assert torch.allclose(g.token_logprobs(model, one, 0.7, banned, torch.device("cpu"))[0][one["mask"][0].bool()],
+                                  together[row][b["mask"][row].bool()], atol=2e-4)
+
+
+def test_from_pretrained_on_a_saved_folder(tiny, examples, tmp_path):
+    """The real loading path (auto classes) on a folder written with save_pretrained."""
+    model, processor, _, _ = tiny
+    from transformers import GenerationConfig
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    # what Qwen2-VL-Instruct ships (near-greedy sampling), plus a setting our generate() call does not name
+    GenerationConfig(do_sample=True, top_k=1, top_p=0.001, temperature=0.01, repetition_penalty=1.05, min_p=0.9,
+                     eos_token_id=0, pad_token_id=0).save_pretrained(tmp_path)
+    loaded, proc2, eos, banned = g.load_model(g.parse_args(["--model", str(tmp_path)]))
+    assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert proc2.tokenizer.convert_tokens_to_ids("<|image_pad|>") in banned
+    # the hub's sampling settings are gone: rollouts still sample exactly what the scoring forward scores
+    b, scores, args = rollout_batch((loaded.eval(), proc2, eos, banned), [examples[0]], G=4, T=1.0)
+    with torch.no_grad():
+        scored = g.token_logprobs(loaded, b, 1.0, banned, torch.device("cpu"))
+    sampled = scores.log_softmax(-1).gather(-1, b["completion"][..., None]).squeeze(-1)
+    m = b["mask"].bool()
+    assert torch.allclose(scored[m], sampled[m], atol=2e-4)
+    assert len({tuple(c.tolist()) for c in b["completion"]}) == 4  # sampled, not greedy
+
+
+def test_tiny_is_deterministic_for_a_seed():
+    a, _ = g.build_tiny(seed=3)
+    b, _ = g.build_tiny(seed=3)
+    c, _ = g.build_tiny(seed=4)
+    p = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a.state_dict()[p], b.state_dict()[p]) and not torch.equal(a.state_dict()[p], c.state_dict()[p])
