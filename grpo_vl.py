@@ -236,8 +236,11 @@ def shard(model, mesh, device):
         fully_shard(module, mesh=mesh, mp_policy=mp)
     # FSDP takes the first module to run forward as its root, and transformers' generate runs the vision
     # tower on its own before the model's forward. One text-only forward through the root settles it.
+    # Reshard after it: the root keeps its parameters gathered after a forward, and an optimizer built
+    # now would hold the gathered copies instead of the shards.
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()
     return model
 
 
@@ -463,7 +466,7 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w") if rank == 0 else None
     log(f"{args.variant}: {steps} steps x {P} prompts x G={G} on {world} rank(s), {device}; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {args.out}")
 
