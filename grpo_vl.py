@@ -136,6 +136,10 @@ def parse_args(argv=None):
     for name in args.rewards.split(","):
         if name not in R.REWARDS:
             p.error(f"--rewards: unknown reward {name!r} (known: {', '.join(R.REWARDS)})")
+    for flag, value, allowed in [("--prompt", args.prompt, data.PROMPT_STYLES), ("--loss-agg", args.loss_agg,
+                                 ("seq", "token")), ("--freeze", args.freeze, ("", "vision", "llm"))]:
+        if value not in allowed:
+            p.error(f"{flag} {value!r}: expected one of {', '.join(map(repr, allowed))}")
     if args.num_generations < 2:
         p.error("--num-generations must be at least 2: a group of one has no relative advantage (G2)")
     return args
@@ -220,8 +224,6 @@ def freeze(model, part):
     elif part == "llm":
         model.model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
-    elif part:
-        raise SystemExit(f"--freeze {part!r}: expected 'vision' or 'llm'")
 
 
 # ============================================================================ FSDP2 (I9)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# ./run.sh test | demo | bench [extra flags]: creates .venv from requirements.txt when missing, then runs.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -r requirements.txt
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  test) exec .venv/bin/python -m pytest -q tests "$@" ;;
+  demo) exec .venv/bin/python grpo_vl.py --variant r1zero --model tiny --data synthetic --max-steps 20 \
+             --out runs/demo "$@" ;;
+  *) echo "usage: ./run.sh test|demo [flags]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,106 @@
+"""Schema D adapters on local files, bad rows, prompts P1/P2, and the synthetic task."""
+import io
+
+import pytest
+from PIL import Image
+
+import data
+from data import load_examples, synthetic_rows
+
+
+def png(color=(255, 0, 0), size=(60, 40)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_parquet(tmp_path, columns, name="d.parquet"):
+    import datasets
+    path = str(tmp_path / name)
+    datasets.Dataset.from_dict(columns).to_parquet(path)
+    return path
+
+
+def test_synthetic_is_deterministic_and_in_cvbench_schema():
+    a, b, c = synthetic_rows(12, 0), synthetic_rows(12, 0), synthetic_rows(12, 1)
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b] != [r["prompt"] for r in c]
+    assert [r["task"] for r in a[:4]] == ["Count", "Relation", "Depth", "Distance"]
+    for r in a:
+        letter = r["answer"].strip("()")
+        assert r["answer"] == f"({letter})" and f"({letter}) {r['choices']['ABCD'.index(letter)]}" in r["prompt"]
+        assert r["source"] in ("ADE20K", "COCO", "Omni3D") and r["type"] in ("2D", "3D")
+    train, test = load_examples("synthetic:8", "train"), load_examples("synthetic:8", "test")
+    assert [e["question"] for e in train] != [e["question"] for e in test]  # held-out split
+
+
+def centroid_x(img, rgb):
+    xs = [x for x in range(img.width) for y in range(img.height) if img.getpixel((x, y)) == rgb]
+    return sum(xs) / len(xs)
+
+
+def test_synthetic_relation_answers_are_right():
+    """Left/right read back from the pixels, for rows whose two objects have different colours."""
+    checked = 0
+    for r in synthetic_rows(200, 5):
+        if r["task"] != "Relation":
+            continue
+        (c1, _), (c2, _) = [n.split() for n in r["question"][7:].split(" to the left or to the right of the ")]
+        c2 = c2.rstrip("?")
+        if c1 == c2:
+            continue
+        gold = r["choices"]["ABCD".index(r["answer"][1])]
+        left = centroid_x(r["image"], data.COLORS[c1]) < centroid_x(r["image"], data.COLORS[c2])
+        assert gold == ("left" if left else "right"), r["question"]
+        checked += 1
+    assert checked > 20
+
+
+def test_cvbench_adapter_on_a_local_parquet(tmp_path):
+    path = write_parquet(tmp_path, {
+        "image": [{"bytes": png(), "path": None}] * 2, "prompt": ["How many? (A) 1 (B) 2", "Where? (A) left (B) right"],
+        "question": ["How many?", "Where?"], "choices": [["1", "2"], ["left", "right"]], "answer": ["(B)", "(A)"],
+        "task": ["Count", "Relation"], "source": ["COCO", "ADE20K"], "type": ["2D", "2D"]})
+    exs = load_examples(path, "test")
+    assert [e["answer"] for e in exs] == ["2", "left"] and exs[0]["choices"] == ["1", "2"]
+    assert exs[0]["task"] == "Count" and exs[0]["question"] == "How many? (A) 1 (B) 2"
+
+
+def test_sat_adapter_keeps_single_image_rows_and_shuffles_options(tmp_path, capsys):
+    path = write_parquet(tmp_path, {
+        "image_bytes": [[png()], [png(), png()], [png()]], "question": ["Which is nearer?"] * 3,
+        "answers": [["the chair", "the table"], ["a", "b"], ["up", "down", "left"]],
+        "correct_answer": ["the chair", "a", "left"]})
+    exs = load_examples(path, "train", seed=0)
+    assert len(exs) == 2 and "left out 1 multi-image rows" in capsys.readouterr().out
+    assert exs[0]["answer"] == "the chair" and exs[0]["choices"] is None
+    assert exs[1]["question"].startswith("Which is nearer? Choose between the following options: ")
+    assert sorted(exs[1]["question"].split(": ")[1].replace(" or ", ", ").split(", ")) == ["down", "left", "up"]
+    assert isinstance(data.open_image(exs[0]["images"][0]), Image.Image)
+
+
+@pytest.mark.parametrize("columns,where", [
+    ({"image": [{"bytes": png(), "path": None}, None], "prompt": ["q", "q"], "choices": [["a", "b"]] * 2,
+      "answer": ["(A)", "(A)"]}, "row 1, column 'image'"),
+    ({"image": [{"bytes": png(), "path": None}] * 2, "prompt": ["q", "q"], "choices": [["a", "b"]] * 2,
+      "answer": ["(A)", "(E)"]}, "row 1, column 'answer'"),
+    ({"image_bytes": [[png()], [png()]], "question": ["q", "q"], "answers": [["a", "b"]] * 2,
+      "correct_answer": ["a", ""]}, "row 1, column 'correct_answer'"),
+    ({"picture": [1], "text": ["x"]}, "match no known schema"),
+])
+def test_bad_rows_name_data_set_row_and_column(tmp_path, columns, where):
+    path = write_parquet(tmp_path, columns)
+    with pytest.raises(ValueError, match=where) as e:
+        load_examples(path, "train")
+    assert path in str(e.value)
+
+
+def test_prompts_p1_and_p2(tiny, examples):
+    _, processor, _, _ = tiny
+    ex = examples[0]
+    p1 = data.prompt_text(ex, "base", processor)
+    assert p1.startswith("<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant.")
+    assert p1.endswith(f"User: {ex['question']} \nAssistant: Let me solve this step by step.\n<think>")
+    p2 = data.prompt_text(ex, "instruct", processor)
+    assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" in p2
+    assert (ex["question"] + "  Output the thinking process in <think> </think> and final answer (option) in "
+            "<answer> </answer> tags.") in p2 and p2.endswith("<|im_start|>assistant\n")
