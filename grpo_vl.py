@@ -558,7 +558,7 @@ def main(argv=None):
         log(f"step {step}/{steps} | reward {stats['reward']:.3f} (std {group_std:.2f}, zero-std {frac_zero_std:.2f}) "
             f"| acc {stats.get('rewards/accuracy', float('nan')):.3f} | len {stats['completion_len']:.0f} "
             f"(cut {stats['truncated_frac']:.0%}) | kl {kl:.2e} | {stats['step_time']:.1f}s")
-        if rank == 0 and args.log_completions_every and step % args.log_completions_every in (0, 1):
+        if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
             os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)
             with open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
                 for i, (t, ex) in enumerate(zip(texts, ex_of)):
