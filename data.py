@@ -6,6 +6,7 @@ Every adapter turns a published row into one internal example:
 `images` hold whatever qwen-vl-utils takes (PIL image, path, URL); bytes are opened here first.
 """
 import io
+import json
 import os
 import random
 
@@ -20,14 +21,22 @@ P1 = ("<|vision_start|><|image_pad|><|vision_end|>A conversation between User an
       "reasoning process in the mind and then provides the user with the answer.\nUser: {question} "
       "\nAssistant: Let me solve this step by step.\n<think>")
 P2 = "  Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
-PROMPT_STYLES = ("base", "instruct")  # P1, P2
+# P3 (StepGRPO): instructions for the step-wise sections, then the question.
+P3 = ("Solve the question about the image step by step. First describe the image under '### Image Description:', "
+      "then give the rationale under '### Rationales:', then write '### Let's think step by step.' and the "
+      "numbered steps '### Step 1:', '### Step 2:', ..., and end with '### The final answer is:' and the "
+      "answer.\n\n")
+FINAL = "### The final answer is:"
+PROMPT_STYLES = ("base", "instruct", "step", "plain")  # P1, P2, P3, P4 (Vision-R1: the question alone)
 
 
 def prompt_text(ex, style, processor):
-    """The prompt string for one example; one <|image_pad|> per image, which the processor expands."""
+    """The prompt string for one example; one <|image_pad|> per image, which the processor expands.
+    Rows from chat SFT data keep their own user turn ("plain")."""
     if style == "base":
         return P1.format(question=ex["question"])
-    text = ex["question"] + (P2 if style == "instruct" else "")
+    style = "plain" if ex.get("target") else style
+    text = {"instruct": ex["question"] + P2, "step": P3 + ex["question"]}.get(style, ex["question"])
     content = [{"type": "image"} for _ in ex["images"]] + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
@@ -50,6 +59,19 @@ def encode(processor, examples, style, min_pixels, max_pixels):
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
+def sft_target(ex, style):
+    """What SFT teaches the model to write after the prompt: a chat row's assistant turn, or the row's
+    step-wise solution (P3 sections) -- as it is for P3, rewritten as <think>...</think><answer>...</answer>
+    for the other prompts (P1 has already opened the <think>)."""
+    if ex.get("target"):
+        return ex["target"]
+    if style == "step":
+        return ex["solution"]
+    reasoning, _, answer = ex["solution"].rpartition(FINAL)
+    reasoning = " ".join(line for line in reasoning.splitlines() if line and not line.startswith("### "))
+    return ("" if style == "base" else "<think>") + f"{reasoning}</think><answer>{answer.strip()}</answer>"
+
+
 # --------------------------------------------------------------------------- adapters (D)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -67,7 +89,51 @@ def from_cvbench(row, i, name):
         raise bad_row(name, i, "answer", f"expected a letter among the choices, got {row.get('answer')!r}")
     return {"images": [row["image"]], "question": row["prompt"], "choices": list(row["choices"]),
             "answer": row["choices"][LETTERS.index(letter)], "task": row.get("task", ""),
-            "source": row.get("source", "")}
+            "source": row.get("source", ""), "solution": row.get("solution"), "key_steps": key_steps(row)}
+
+
+def row_images(row, i, name):
+    for col in ("images", "image", "image_path"):
+        if row.get(col):
+            return list(row[col]) if isinstance(row[col], list) else [row[col]]
+    raise bad_row(name, i, "image", "no image (looked in 'images', 'image', 'image_path')")
+
+
+def key_steps(row):
+    """R1-VL's {"Steps": [[forms of step 1], ...]} (a dict or its JSON text) -> [[forms], ...]."""
+    ks = row.get("key_steps")
+    ks = json.loads(ks) if isinstance(ks, str) and ks.strip() else ks
+    return [list(forms) for forms in (ks or {}).get("Steps") or []]
+
+
+def from_stepwise(row, i, name):
+    """Step-wise CoT rows (R1-VL-10K / Mulberry): the gold answer is the solution's final-answer line."""
+    solution = row.get("solution") or ""
+    if FINAL not in solution:
+        raise bad_row(name, i, "solution", f"no '{FINAL}' line to take the answer from")
+    answer = (solution.rpartition(FINAL)[2].strip().splitlines() or [""])[0]
+    if not answer:
+        raise bad_row(name, i, "solution", "the final answer is empty")
+    return {"images": row_images(row, i, name), "question": row["problem"], "answer": answer, "choices": None,
+            "task": row.get("task") or "step", "source": name, "solution": solution, "key_steps": key_steps(row)}
+
+
+def from_chat(row, i, name):
+    """Chat SFT rows (Mulberry-SFT, Vision-R1-cold): role/content or from/value turns, plus `images`.
+    The first user turn is the prompt, the assistant turn after it the SFT target."""
+    column = "messages" if row.get("messages") else "conversations"
+    turns = [(t.get("role") or {"human": "user", "gpt": "assistant"}.get(t.get("from"), t.get("from")),
+              t.get("content") if t.get("content") is not None else t.get("value")) for t in row.get(column) or []]
+    text = lambda c: c if isinstance(c, str) else " ".join(x.get("text") or "" for x in c or [] if isinstance(x, dict))
+    users = [k for k, (role, _) in enumerate(turns) if role == "user"]
+    replies = [k for k, (role, _) in enumerate(turns) if role == "assistant" and users and k > users[0]]
+    if not users or not replies:
+        raise bad_row(name, i, column, "needs a user turn followed by an assistant turn")
+    question, images = text(turns[users[0]][1]), row_images(row, i, name)
+    if question.count("<image>") > len(images) or 0 < question.count("<image>") < len(images):
+        raise bad_row(name, i, "images", f"{len(images)} images for {question.count('<image>')} <image> slots")
+    return {"images": images, "question": question.replace("<image>", "").strip(), "answer": None, "choices": None,
+            "task": "sft", "source": name, "target": text(turns[replies[0]][1])}
 
 
 def from_sat(row, i, name, rng):
@@ -103,10 +169,18 @@ def load_examples(spec, split, seed=0):
             out.append(from_sat(row, i, spec, rng))
         elif {"prompt", "choices", "answer"} <= cols:
             out.append(from_cvbench(row, i, spec))
+        elif {"problem", "solution"} <= cols:
+            out.append(from_stepwise(row, i, spec))
+        elif cols & {"messages", "conversations"}:
+            out.append(from_chat(row, i, spec))
         else:
-            raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema (SAT, CV-Bench)")
+            raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema "
+                             "(SAT, CV-Bench, step-wise CoT, chat SFT)")
     if multi:
         print(f"{spec}: kept {len(out)} single-image rows, left out {multi} multi-image rows")
+    no_steps = sum(1 for ex in out if "key_steps" in ex and not ex["key_steps"])
+    if no_steps and "solution" in cols:
+        print(f"{spec}: {no_steps} rows have no key steps (StepRAR gives them k = 0)")
     if not out:
         raise ValueError(f"data set {spec!r} (split {split!r}) has no usable rows")
     return out
@@ -116,10 +190,12 @@ def load_examples(spec, split, seed=0):
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 TASKS = ("Count", "Relation", "Depth", "Distance")
+NUMBER_WORDS = "zero one two three four five six".split()
 
 
-def draw(d, shape, color, x, y, r):
-    box = [x - r, y - r, x + r, y + r]
+def draw(d, shape, color, x, y, r, drawn):
+    drawn.append(f"a {color} {shape}")
+    color, box = COLORS[color], [x - r, y - r, x + r, y + r]
     if shape == "circle":
         d.ellipse(box, fill=color)
     elif shape == "square":
@@ -136,7 +212,7 @@ def synthetic_rows(n, seed):
         task = TASKS[i % 4]
         W, H = rng.choice([(112, 112), (112, 84), (84, 112)])
         img = Image.new("RGB", (W, H), (245, 245, 245))
-        d = ImageDraw.Draw(img)
+        d, drawn = ImageDraw.Draw(img), []
         kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], 3)
         name = [f"{c} {s}" for c, s in kinds]
         if task == "Count":  # k shapes of one colour among distractors of other colours
@@ -144,21 +220,28 @@ def synthetic_rows(n, seed):
             others = [c for c in COLORS if c != color]
             for j in range(k + rng.randint(0, 2)):
                 c = color if j < k else rng.choice(others)
-                draw(d, rng.choice(SHAPES), COLORS[c], rng.randint(8, W - 8), rng.randint(8, H - 8), 6)
+                draw(d, rng.choice(SHAPES), c, rng.randint(8, W - 8), rng.randint(8, H - 8), 6, drawn)
             q, choices = f"How many {color} shapes are in the image?", [str(k)]
             choices += rng.sample([str(v) for v in range(0, 6) if v != k], 3)
+            steps = [f"I look for the {color} shapes.", f"I count {k} {color} shapes."]
+            keys = [[f"{k} {color} shapes", f"{NUMBER_WORDS[k]} {color} shapes"]]
         elif task == "Relation":
             xs = rng.sample(range(12, W - 12, 8), 2)
             for (c, s), x in zip(kinds[:2], xs):
-                draw(d, s, COLORS[c], x, rng.randint(12, H - 12), 9)
+                draw(d, s, c, x, rng.randint(12, H - 12), 9, drawn)
             q = f"Is the {name[0]} to the left or to the right of the {name[1]}?"
             choices = ["left" if xs[0] < xs[1] else "right", "right" if xs[0] < xs[1] else "left"]
+            steps = [f"The {name[0]} is on the {choices[0]} of the {name[1]}."]
+            keys = [[f"{name[0]} is on the {choices[0]}", f"{name[0]} is to the {choices[0]}"]]
         elif task == "Depth":
             r = rng.sample([6, 9, 13, 17], 2)
             for (c, s), rr, x in zip(kinds[:2], r, (W // 4, 3 * W // 4)):
-                draw(d, s, COLORS[c], x, H // 2, rr)
+                draw(d, s, c, x, H // 2, rr, drawn)
             q = f"Which is closer to the camera, the {name[0]} or the {name[1]}?"
             choices = [name[0], name[1]] if r[0] > r[1] else [name[1], name[0]]
+            steps = [f"The {choices[0]} is bigger than the {choices[1]}.", f"Bigger means closer, so the "
+                     f"{choices[0]} is closer."]
+            keys = [[f"{choices[0]} is bigger", f"{choices[0]} is larger"], [f"{choices[0]} is closer"]]
         else:  # Distance: which of two objects is nearer (in the picture) to a third
             pts = [(rng.randint(10, W - 10), rng.randint(10, H - 10)) for _ in range(3)]
             dist = [abs(complex(*pts[j]) - complex(*pts[0])) for j in (1, 2)]
@@ -166,14 +249,22 @@ def synthetic_rows(n, seed):
                 pts[2] = (rng.randint(10, W - 10), rng.randint(10, H - 10))
                 dist[1] = abs(complex(*pts[2]) - complex(*pts[0]))
             for (c, s), (x, y) in zip(kinds, pts):
-                draw(d, s, COLORS[c], x, y, 7)
+                draw(d, s, c, x, y, 7, drawn)
             q = f"Which is closer to the {name[0]}, the {name[1]} or the {name[2]}?"
             choices = [name[1], name[2]] if dist[0] < dist[1] else [name[2], name[1]]
+            steps = [f"The {choices[0]} is nearer to the {name[0]} than the {choices[1]}."]
+            keys = [[f"{choices[0]} is nearer", f"{choices[0]} is closer"]]
         gold = choices[0]
         rng.shuffle(choices)
         prompt = q + " Select from the following choices.\n" + "\n".join(
             f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
+        answer = f"({LETTERS[choices.index(gold)]})"
+        solution = (f"### Image Description:\nThe image shows {', '.join(sorted(set(drawn)))}.\n"
+                    f"### Rationales:\nThe question is about "
+                    f"{task.lower()}; I compare the shapes in the image.\n### Let's think step by step.\n"
+                    + "".join(f"### Step {j + 1}:\n{st}\n" for j, st in enumerate(steps)) + f"{FINAL} {answer}")
         rows.append({"image": img, "prompt": prompt, "question": q, "choices": choices, "task": task,
-                     "answer": f"({LETTERS[choices.index(gold)]})", "type": "2D" if i % 4 < 2 else "3D",
-                     "source": ("ADE20K", "COCO")[i // 4 % 2] if i % 4 < 2 else "Omni3D"})
+                     "answer": answer, "type": "2D" if i % 4 < 2 else "3D",
+                     "source": ("ADE20K", "COCO")[i // 4 % 2] if i % 4 < 2 else "Omni3D",
+                     "solution": solution, "key_steps": {"Steps": keys}})
     return rows

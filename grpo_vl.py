@@ -23,6 +23,7 @@ Deliberate simplifications:
 import argparse
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import math
@@ -43,7 +44,7 @@ import rewards as R
 @dataclass
 class Args:
     variant: str = "r1zero"
-    """recipe (table V): r1zero | grpo. Its values are the defaults of the flags below"""
+    """recipe (table V): r1zero | grpo | stepgrpo. Its values are the defaults of the flags below"""
     model: str = "Qwen/Qwen2-VL-2B"
     """hub id or local folder of a Qwen2-VL / Qwen2.5-VL model, or 'tiny' (random weights, offline)"""
     data: str = "array/SAT"
@@ -53,11 +54,13 @@ class Args:
     out: str = "runs/grpo"
     """output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json"""
     prompt: str = "base"
-    """prompt style: base (P1, no chat template) | instruct (P2)"""
+    """prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)"""
     rewards: str = "accuracy,format"
-    """comma-separated rewards summed per G1: accuracy (R1), format (R2)"""
+    """comma-separated rewards summed per G1: accuracy (R1), format (R2), step_accuracy (R4), step_validity (R5)"""
     length_bonus: float = 0.0
     """R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)"""
+    alpha: float = 0.1
+    """R4 StepRAR: weight of the share of matched key steps"""
     num_generations: int = 8
     """G: completions sampled per prompt"""
     prompts_per_step: int = 8
@@ -82,6 +85,22 @@ class Args:
     """passes over the training data (when --max-steps is 0)"""
     max_steps: int = 0
     """optimizer steps; 0 = --epochs passes over the data"""
+    sft_data: str = ""
+    """warm-up / cold-start SFT data (step-wise CoT or chat rows); empty = --data"""
+    sft_epochs: int = 0
+    """SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)"""
+    sft_steps: int = 0
+    """SFT optimizer steps (overrides --sft-epochs)"""
+    sft_only: bool = False
+    """run the SFT phase, write OUT/checkpoint and stop"""
+    sft_lr: float = 2e-5
+    """SFT peak learning rate (cosine schedule after a linear warm-up)"""
+    sft_warmup: float = 0.03
+    """share of the SFT steps spent warming the learning rate up"""
+    sft_weight_decay: float = 0.05
+    """AdamW weight decay during SFT"""
+    sft_batch: int = 8
+    """SFT examples per optimizer step, summed over all ranks"""
     min_pixels: int = 3136
     """images are resized (qwen-vl-utils) to at least this many pixels"""
     max_pixels: int = 401408
@@ -114,10 +133,14 @@ VARIANTS = {
                    temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
     "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="instruct", rewards="accuracy,format",
                  num_generations=8, temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
+    "stepgrpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="step", rewards="step_accuracy,step_validity",
+                     num_generations=4, temperature=1.2, max_new_tokens=1024, max_pixels=400000, data="",
+                     sft_epochs=2, sft_lr=2e-5, sft_warmup=0.03, sft_weight_decay=0.05),
 }
-# --model tiny is a laptop run: short completions, few prompts, offline data (flags still win).
-TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=64, prompts_per_step=4,
-            eval_max_new_tokens=64)
+# --model tiny is a laptop run: short completions, few prompts, offline data, and an SFT step size a
+# 0.2M-parameter random model notices (flags still win).
+TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=96, prompts_per_step=4,
+            eval_max_new_tokens=96, sft_lr=1e-2)
 
 
 def parse_args(argv=None):
@@ -140,6 +163,8 @@ def parse_args(argv=None):
                                  ("seq", "token")), ("--freeze", args.freeze, ("", "vision", "llm"))]:
         if value not in allowed:
             p.error(f"{flag} {value!r}: expected one of {', '.join(map(repr, allowed))}")
+    if not args.data:
+        p.error(f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)")
     if args.num_generations < 2:
         p.error("--num-generations must be at least 2: a group of one has no relative advantage (G2)")
     return args
@@ -163,7 +188,8 @@ def build_tiny(seed=0, hidden=64, layers=2):
     from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    corpus = [data.P1 + data.P2] + [r["prompt"] for r in data.synthetic_rows(200, 12345)]
+    rows = data.synthetic_rows(200, 12345)
+    corpus = [data.P1 + data.P2 + data.P3] + [r["prompt"] for r in rows] + [r["solution"] for r in rows]
     corpus += ["<think> I see the image. Wait, let me check. </think> <answer> (A) </answer> 0123456789"] * 20
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -293,6 +319,25 @@ def encode(processor, exs, args):
     return b
 
 
+def split(b, size):
+    """Micro-batches of `size` sequences (gradient accumulation)."""
+    n = len(b["completion"])
+    return [take(b, torch.arange(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def data_order(n, needed, seed):
+    """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
+    order = []
+    while len(order) < needed:
+        order += random.Random(seed + len(order)).sample(range(n), n)
+    return order
+
+
+def my_share(order, step, n, rank, world):
+    """This rank's part of step `step`'s n examples (whole groups: a prompt's G completions stay on one rank)."""
+    return order[(step - 1) * n:step * n][rank * n // world:(rank + 1) * n // world]
+
+
 # ============================================================================ 1. rollout
 @torch.no_grad()
 def rollout(model, processor, exs, args, eos, banned, device, seed):
@@ -387,8 +432,7 @@ def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
                                   max_new_tokens=args.eval_max_new_tokens, suppress_tokens=banned)
             texts = processor.batch_decode(seqs[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
             for ex, text in zip(chunk, texts):
-                text = completion_text(text, args)
-                results.append((ex["task"], ex["source"], R.accuracy(text, ex), R.think_answer_format(text)))
+                results.append((ex["task"], ex["source"], *judge(completion_text(text, args), ex, args.prompt)))
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, results)
@@ -403,9 +447,70 @@ def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
     return report
 
 
+def judge(text, ex, style):
+    """(correct, well formatted), read as the variant's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
+    if style == "step":
+        return float(R.is_correct(R.step_answer(text), ex)), R.step_validity(text)
+    return R.accuracy(text, ex), R.think_answer_format(text)
+
+
 def completion_text(text, args):
     """What the rewards read: P1 ends its prompt with an opened <think>, so put it back (R2)."""
     return "<think>" + text if args.prompt == "base" else text
+
+
+# ============================================================================ warm-up / cold-start SFT
+def sft_batch(processor, exs, args):
+    """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
+    'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
+    b, tok = encode(processor, exs, args), processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|endoftext|>" if args.prompt == "base" else "<|im_end|>")
+    ids = [tok(data.sft_target(ex, args.prompt), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
+    C = max(map(len, ids))
+    b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])   # (B, C)
+    b["mask"] = (torch.arange(C)[None] < torch.tensor([len(x) for x in ids])[:, None]).float()
+    return b
+
+
+def sft(model, processor, exs, args, banned, device, rank, world, log, record, amp):
+    """Next-token cross-entropy on the target tokens (a token mean over all ranks); AdamW with weight
+    decay, linear warm-up then cosine decay. The target is scored exactly as RL scores a completion."""
+    n = args.sft_batch
+    steps = args.sft_steps or args.sft_epochs * max(len(exs) // n, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
+    warm = max(1, round(args.sft_warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1))))
+    order = data_order(len(exs), steps * n, args.seed)
+    log(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
+    for step in range(1, steps + 1):
+        t0 = time.time()
+        b = sft_batch(processor, [exs[i] for i in my_share(order, step, n, rank, world)], args)
+        n_tok = b["mask"].sum().to(device)
+        if world > 1:
+            dist.all_reduce(n_tok)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for mb in split(b, args.micro_batch):
+            with amp:
+                nll = -(token_logprobs(model, mb, 1.0, banned, device) * mb["mask"].to(device)).sum() / n_tok
+            (nll * world).backward()  # FSDP averages gradients over ranks; the sum over ranks is the mean
+            loss_sum += nll.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        grad_norm = clip_and_step(params, opt, args.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        record({"phase": "sft", "step": step, "loss": loss_sum.item(), "grad_norm": grad_norm, "lr": lr,
+                "tokens": n_tok.item(), "step_time": time.time() - t0})
+        log(f"sft {step}/{steps} | loss {loss_sum.item():.4f} | lr {lr:.2e} | {time.time() - t0:.1f}s")
+
+
+def clip_and_step(params, opt, max_norm):
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    return (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
 
 
 # ============================================================================ checkpoints
@@ -456,27 +561,43 @@ def main(argv=None):
             json.dump(report, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
         return finish(world)
 
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w") if rank == 0 else None
+
+    def record(stats):
+        if rank == 0:
+            metrics_file.write(json.dumps(stats) + "\n")
+            metrics_file.flush()
+
+    log(f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
+        f"{world} rank(s), {device} -> {args.out}")
+    # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
+    if args.sft_epochs or args.sft_steps or args.sft_only:
+        sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args.seed)
+        missing = [i for i, ex in enumerate(sft_exs) if not (ex.get("solution") or ex.get("target"))]
+        if missing:
+            raise SystemExit(f"error: SFT data set {args.sft_data or args.data!r}, row {missing[0]}: no 'solution' "
+                             f"or assistant turn to learn from ({len(missing)} such rows)")
+        sft(model, processor, sft_exs, args, banned, device, rank, world, log, record, amp)
+        if ref is not None:
+            ref.load_state_dict(model.state_dict())
+        save_checkpoint(model, processor, os.path.join(args.out, "checkpoint"), rank)
+        if args.sft_only:
+            return finish(world)
+
     exs = load_examples_or_exit(args.data, "train", args.seed)
     P, G = args.prompts_per_step, args.num_generations
     steps = args.max_steps or args.epochs * (len(exs) // P)
-    order = []  # the data order: one seeded permutation per epoch, as many epochs as the steps need
-    while len(order) < steps * P:
-        order += random.Random(args.seed + len(order)).sample(range(len(exs)), len(exs))
-    reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}
-    if args.length_bonus:
-        reward_fns["length"] = lambda text, ex, n: R.length_bonus(text, ex, n, per_token=args.length_bonus)
+    order = data_order(len(exs), steps * P, args.seed)
+    reward_fns = reward_functions(args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w") if rank == 0 else None
-    log(f"{args.variant}: {steps} steps x {P} prompts x G={G} on {world} rank(s), {device}; "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {args.out}")
+    log(f"GRPO: {steps} steps x {P} prompts x G={G}, rewards {', '.join(reward_fns)}")
 
     for step in range(1, steps + 1):
         t0 = time.time()
         # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
-        local = order[(step - 1) * P:step * P][rank * P // world:(rank + 1) * P // world]
-        mine = [exs[i] for i in local]
+        mine = [exs[i] for i in my_share(order, step, P, rank, world)]
         with amp:
             batches = rollout(model, processor, mine, args, eos, banned, device,
                               seed=args.seed + 1_000_003 * step + rank * P // world)
@@ -498,11 +619,8 @@ def main(argv=None):
         # ---- 4. reference (G4) and old (G7) log-probs, no grad; split into micro-batches
         micro, a = [], 0
         for b in batches:
-            for s in range(0, len(b["completion"]), args.micro_batch):
-                mb = take(b, torch.arange(s, min(s + args.micro_batch, len(b["completion"]))))
-                mb["A"] = A[a + s:a + s + len(mb["completion"])]
-                micro.append(mb)
-            a += len(b["completion"])
+            b["A"], a = A[a:a + len(b["completion"])], a + len(b["completion"])
+            micro += split(b, args.micro_batch)
         with torch.no_grad(), amp:
             for mb in micro:
                 mb["ref"] = token_logprobs(ref, mb, args.temperature, banned, device) if ref is not None else None
@@ -528,9 +646,7 @@ def main(argv=None):
                 loss_sum += loss.item()
                 kl += ((D * mask).sum() / n_tokens).item()
                 clip += ((clipped * mask).sum() / n_tokens).item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            opt.step()
+            grad_norm = clip_and_step(params, opt, args.max_grad_norm)
         lr = opt.param_groups[0]["lr"]
         sched.step()
         t4 = time.time()
@@ -539,24 +655,23 @@ def main(argv=None):
         stats = {"reward": r.mean().item(), "reward_std": group_std, "frac_zero_std": frac_zero_std,
                  **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
                  "completion_len": sum(n_tok) / len(n_tok), "truncated_frac": sum(trunc) / len(trunc),
-                 "kl": kl, "clip_frac": clip, "loss": loss_sum, "grad_norm": grad_norm.item(),
+                 "kl": kl, "clip_frac": clip, "loss": loss_sum, "grad_norm": grad_norm,
                  "reflection_rate": sum(map(R.reflects, texts)) / len(texts)}
         if world > 1:
             vec = torch.tensor(list(stats.values()), device=device)
             dist.all_reduce(vec)
             stats = dict(zip(stats, (vec / world).tolist()))
-            stats["grad_norm"] = grad_norm.item()
+            stats["grad_norm"] = grad_norm
             mx = torch.tensor(max(n_tok), device=device)
             dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         stats.update(step=step, phase="rl", completion_len_max=(mx.item() if world > 1 else max(n_tok)),
                      lr=lr, step_time=time.time() - t0,
                      **{"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/ref_old": t3 - t2,
                         "time/update": t4 - t3})
-        if rank == 0:
-            metrics_file.write(json.dumps(stats) + "\n")
-            metrics_file.flush()
+        record(stats)
+        terms = " ".join(f"{k} {stats['rewards/' + k]:.3f}" for k in per_fn)
         log(f"step {step}/{steps} | reward {stats['reward']:.3f} (std {group_std:.2f}, zero-std {frac_zero_std:.2f}) "
-            f"| acc {stats.get('rewards/accuracy', float('nan')):.3f} | len {stats['completion_len']:.0f} "
+            f"| {terms} | len {stats['completion_len']:.0f} "
             f"(cut {stats['truncated_frac']:.0%}) | kl {kl:.2e} | {stats['step_time']:.1f}s")
         if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
             os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)
@@ -579,9 +694,19 @@ def main(argv=None):
     finish(world)
 
 
-def load_examples_or_exit(spec, split, seed):
+def reward_functions(args):
+    """The terms of G1 for this run; R3 and R4 take their coefficients from the flags."""
+    fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}
+    if "step_accuracy" in fns:
+        fns["step_accuracy"] = functools.partial(R.step_accuracy, alpha=args.alpha)
+    if args.length_bonus:
+        fns["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)
+    return fns
+
+
+def load_examples_or_exit(spec, which, seed):
     try:
-        return data.load_examples(spec, split, seed)
+        return data.load_examples(spec, which, seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 

@@ -161,7 +161,49 @@ def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
     return per_token * n_tokens
 
 
-REWARDS = {"accuracy": accuracy, "format": think_answer_format, "length": length_bonus}
+# --------------------------------------------------------------------------- StepGRPO (R1-VL)
+FINAL = "### The final answer is:"
+SECTION = re.compile(r"### (Image Description|Rationales|Let's think step by step\.?|Step (\d{1,6})|"
+                     r"The final answer is):")
+
+
+def step_answer(text):
+    """The answer of a P3 completion: the first line after the last '### The final answer is:'."""
+    head, found, tail = text.rpartition(FINAL)
+    lines = tail.strip().splitlines()
+    return lines[0] if found and lines and lines[0].strip() else None
+
+
+def squash(s):
+    return re.sub(r"\s+", "", s.lower())
+
+
+def step_accuracy(text, ex, n_tokens=0, alpha=0.1):
+    """R4 StepRAR: k = |key steps matched| / |key steps|; a key step matches if any of its equivalent forms
+    occurs in the reasoning (case-insensitive, whitespace-normalised). r = 1 + alpha*k if the final answer
+    is right, alpha*k if an answer is given but wrong, 0 if there is no answer (the paper's three cases)."""
+    pred = step_answer(text)
+    if pred is None:
+        return 0.0
+    steps = ex.get("key_steps") or []
+    reasoning = squash(text.rpartition(FINAL)[0])
+    k = sum(any(squash(f) and squash(f) in reasoning for f in forms) for forms in steps) / len(steps) if steps else 0.0
+    return float(is_correct(pred, ex)) + alpha * k
+
+
+def step_validity(text, ex=None, n_tokens=0):
+    """R5 StepRVR: 1 iff complete (description, rationale, >= 1 step, final answer all present) and logical
+    (in that order, steps numbered 1..n consecutively, the final answer after the last step), else 0.
+    '### Let's think step by step.' may stand between the rationale and step 1."""
+    kinds = [f"S{m.group(2)}" if m.group(2) else m.group(1)[0] for m in SECTION.finditer(text)]  # I R L S1.. T
+    if kinds[2:3] == ["L"]:
+        kinds = kinds[:2] + kinds[3:]
+    n = len(kinds) - 3  # the steps
+    return float(n >= 1 and kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])
+
+
+REWARDS = {"accuracy": accuracy, "format": think_answer_format, "length": length_bonus,
+           "step_accuracy": step_accuracy, "step_validity": step_validity}
 
 # --------------------------------------------------------------------------- R7, a metric
 REFLECTION = re.compile(r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"

@@ -61,7 +61,8 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
     """Same prompts, same completions (--gen-batch 1 makes sampling rank-count independent): the update
     on 2 FSDP ranks equals the single-process one within float tolerance."""
     flags = ["grpo_vl.py", "--model", "tiny", "--data", "synthetic:32", "--max-steps", "1", "--gen-batch", "1",
-             "--length-bonus", "0.01", "--lr", "1e-2", "--micro-batch", "3", "--log-completions-every", "0"]
+             "--length-bonus", "0.01", "--lr", "1e-2", "--micro-batch", "3", "--log-completions-every", "0",
+             "--max-new-tokens", "48"]
     run([sys.executable, *flags, "--out", str(tmp_path / "one")])
     run([*TORCHRUN, *flags, "--out", str(tmp_path / "two")])
     (m1,), (m2,) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -72,7 +73,9 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
     start = g.build_tiny(0)[0].state_dict()
     for k in start:
         assert not torch.equal(w1[k], start[k]), f"{k} did not move"  # every parameter group was updated
-        assert torch.allclose(w1[k], w2[k], atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
+        # Adam's first step is lr*g/(|g|+eps): float-order noise in a near-zero gradient can move a weight
+        # by a small fraction of lr, so the tolerance is relative to lr (1e-2); the gradient norm above is exact
+        assert torch.allclose(w1[k], w2[k], atol=1e-4), (k, (w1[k] - w2[k]).abs().max())
 
 
 def test_fsdp_rollouts_gather_once_and_match_unsharded():
