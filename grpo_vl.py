@@ -542,7 +542,6 @@ def main(argv=None):
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by {world} ranks")
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
-    random.seed(args.seed)
 
     model, processor, eos, banned = load_model(args)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
@@ -553,12 +552,16 @@ def main(argv=None):
     # Single GPU without torchrun: bf16 autocast over fp32 weights (FSDP's policy does this otherwise).
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and mesh is None else contextlib.nullcontext()
     eval_exs = load_examples_or_exit(args.eval_data, "test", args.seed) if args.eval or args.eval_every else None
-    if args.eval:
+
+    def run_eval(name):  # protocol E on --eval-data, written to OUT/<name>.json
         with amp:
             report = evaluate(model, processor, eval_exs, args, eos, banned, device, rank, world)
-        log(json.dumps(report, indent=1))
+        log(f"{name}: {json.dumps(report)}")
         if rank == 0:
-            json.dump(report, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+            json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
+
+    if args.eval:
+        run_eval("eval")
         return finish(world)
 
     metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w") if rank == 0 else None
@@ -651,28 +654,20 @@ def main(argv=None):
         sched.step()
         t4 = time.time()
         # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
-        group_std = r.view(-1, G).std(1).mean().item()
-        stats = {"reward": r.mean().item(), "reward_std": group_std, "frac_zero_std": frac_zero_std,
-                 **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
-                 "completion_len": sum(n_tok) / len(n_tok), "truncated_frac": sum(trunc) / len(trunc),
-                 "kl": kl, "clip_frac": clip, "loss": loss_sum, "grad_norm": grad_norm,
-                 "reflection_rate": sum(map(R.reflects, texts)) / len(texts)}
-        if world > 1:
-            vec = torch.tensor(list(stats.values()), device=device)
-            dist.all_reduce(vec)
-            stats = dict(zip(stats, (vec / world).tolist()))
-            stats["grad_norm"] = grad_norm
-            mx = torch.tensor(max(n_tok), device=device)
-            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        stats.update(step=step, phase="rl", completion_len_max=(mx.item() if world > 1 else max(n_tok)),
-                     lr=lr, step_time=time.time() - t0,
+        stats = over_ranks({"reward": r.mean().item(), "reward_std": r.view(-1, G).std(1).mean().item(),
+                            "frac_zero_std": frac_zero_std, **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
+                            "completion_len": sum(n_tok) / len(n_tok), "truncated_frac": sum(trunc) / len(trunc),
+                            "kl": kl, "clip_frac": clip, "loss": loss_sum,
+                            "reflection_rate": sum(map(R.reflects, texts)) / len(texts)}, device)
+        stats.update(step=step, phase="rl", grad_norm=grad_norm, lr=lr, step_time=time.time() - t0,
+                     completion_len_max=over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"],
                      **{"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/ref_old": t3 - t2,
                         "time/update": t4 - t3})
         record(stats)
         terms = " ".join(f"{k} {stats['rewards/' + k]:.3f}" for k in per_fn)
-        log(f"step {step}/{steps} | reward {stats['reward']:.3f} (std {group_std:.2f}, zero-std {frac_zero_std:.2f}) "
-            f"| {terms} | len {stats['completion_len']:.0f} "
-            f"(cut {stats['truncated_frac']:.0%}) | kl {kl:.2e} | {stats['step_time']:.1f}s")
+        log(f"step {step}/{steps} | reward {stats['reward']:.3f} (std {stats['reward_std']:.2f}, zero-std "
+            f"{stats['frac_zero_std']:.2f}) | {terms} | len {stats['completion_len']:.0f} (cut "
+            f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s")
         if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
             os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)
             with open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
@@ -682,16 +677,21 @@ def main(argv=None):
                                         "advantage": A[i].item(), "tokens": n_tok[i]}) + "\n")
         # ---- 7. evaluate and checkpoint
         if args.eval_every and (step % args.eval_every == 0 or step == steps):
-            with amp:
-                report = evaluate(model, processor, eval_exs, args, eos, banned, device, rank, world)
-            log(f"eval step {step}: accuracy {report['accuracy']:.3f} format {report['format']:.3f}")
-            if rank == 0:
-                json.dump(report, open(os.path.join(args.out, f"eval_step{step}.json"), "w"), indent=1)
+            run_eval(f"eval_step{step}")
         if step == steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(model, processor, os.path.join(args.out, "checkpoint"), rank)
             if rank == 0:
                 json.dump(asdict(args), open(os.path.join(args.out, "checkpoint", "args.json"), "w"), indent=1)
     finish(world)
+
+
+def over_ranks(stats, device, op=dist.ReduceOp.SUM):
+    """Each value's mean over ranks (ranks hold equal numbers of completions), or its max."""
+    if dist.is_initialized():
+        t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        stats = dict(zip(stats, (t / dist.get_world_size() if op == dist.ReduceOp.SUM else t).tolist()))
+    return stats
 
 
 def reward_functions(args):

@@ -51,18 +51,13 @@ def parse_number(s):
     s = re.sub(r"(\^\{?\\circ\}?|°|\\%|%)$", "", s)  # 30°, 30^\circ, 50%: the number
     if not s or len(s) > 100:
         return None
-    toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)
-    pos = [0]
-
-    def peek():
-        return toks[pos[0]] if pos[0] < len(toks) else None
+    toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)[::-1]  # a stack: next token last
+    peek = lambda: toks[-1] if toks else None
 
     def take(expected=None):
-        t = peek()
-        if t is None or (expected is not None and t != expected):
-            raise ValueError(t)
-        pos[0] += 1
-        return t
+        if not toks or expected not in (None, toks[-1]):
+            raise ValueError(expected)
+        return toks.pop()
 
     def expr():  # expr := term (('+'|'-') term)*
         v = term()
@@ -95,7 +90,7 @@ def parse_number(s):
 
     try:
         v = expr()
-        return v if pos[0] == len(toks) and math.isfinite(v) else None
+        return v if not toks and math.isfinite(v) else None
     except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
         return None
 

@@ -66,7 +66,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
     run([sys.executable, *flags, "--out", str(tmp_path / "one")])
     run([*TORCHRUN, *flags, "--out", str(tmp_path / "two")])
     (m1,), (m2,) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert m1["reward"] == pytest.approx(m2["reward"], abs=1e-9) and m1["frac_zero_std"] < 1
+    assert m1["reward"] == pytest.approx(m2["reward"], abs=1e-6) and m1["frac_zero_std"] < 1  # float32 means
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4, abs=1e-9)
     w1, w2 = load_weights(tmp_path / "one" / "checkpoint"), load_weights(tmp_path / "two" / "checkpoint")
