@@ -122,18 +122,17 @@ def from_chat(row, i, name):
     """Chat SFT rows (Mulberry-SFT, Vision-R1-cold): role/content or from/value turns, plus `images`.
     The first user turn is the prompt, the assistant turn after it the SFT target."""
     column = "messages" if row.get("messages") else "conversations"
-    turns = [(t.get("role") or {"human": "user", "gpt": "assistant"}.get(t.get("from"), t.get("from")),
-              t.get("content") if t.get("content") is not None else t.get("value")) for t in row.get(column) or []]
     text = lambda c: c if isinstance(c, str) else " ".join(x.get("text") or "" for x in c or [] if isinstance(x, dict))
-    users = [k for k, (role, _) in enumerate(turns) if role == "user"]
-    replies = [k for k, (role, _) in enumerate(turns) if role == "assistant" and users and k > users[0]]
-    if not users or not replies:
+    turns = [({"human": "user", "gpt": "assistant"}.get(t.get("role") or t.get("from"), t.get("role") or t.get("from")),
+              text(t["content"] if t.get("content") is not None else t.get("value"))) for t in row.get(column) or []]
+    roles = [role for role, _ in turns]
+    if "user" not in roles or "assistant" not in roles[roles.index("user"):]:
         raise bad_row(name, i, column, "needs a user turn followed by an assistant turn")
-    question, images = text(turns[users[0]][1]), row_images(row, i, name)
-    if question.count("<image>") > len(images) or 0 < question.count("<image>") < len(images):
+    question, images = turns[roles.index("user")][1], row_images(row, i, name)
+    if question.count("<image>") not in (0, len(images)):
         raise bad_row(name, i, "images", f"{len(images)} images for {question.count('<image>')} <image> slots")
     return {"images": images, "question": question.replace("<image>", "").strip(), "answer": None, "choices": None,
-            "task": "sft", "source": name, "target": text(turns[replies[0]][1])}
+            "task": "sft", "source": name, "target": turns[roles.index("assistant", roles.index("user"))][1]}
 
 
 def from_sat(row, i, name, rng):

@@ -199,14 +199,12 @@ def build_tiny(seed=0, hidden=64, layers=2):
     ids = tok.convert_tokens_to_ids
     special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|endoftext|>"),
                    pad_token_id=ids("<|endoftext|>"))
-    heads = 4
+    hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) as 2:3:3, like [16, 24, 24]
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
-                         num_hidden_layers=layers, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": mrope_section(hidden // heads)}, **special),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                         num_hidden_layers=layers, num_key_value_heads=2, **special, rope_parameters={
+                             "rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2),  # patch 14, merge 2
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False, **special)
@@ -215,12 +213,6 @@ def build_tiny(seed=0, hidden=64, layers=2):
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
                                  video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_TEMPLATE)
     return model, processor
-
-
-def mrope_section(head_dim):
-    """M-RoPE splits head_dim/2 rotary frequencies over (time, height, width), as [16, 24, 24] of 64."""
-    t = head_dim // 2 // 4
-    return [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
 
 
 def load_model(args):
