@@ -58,14 +58,17 @@ def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(
 
 
 def test_fsdp_two_ranks_match_one_process(tmp_path):
-    """Same prompts, same completions (--gen-batch 1 makes sampling rank-count independent): the update
-    on 2 FSDP ranks equals the single-process one within float tolerance."""
+    """Same prompts, same completions (--gen-batch 1 makes sampling rank-count independent): two SFT steps
+    and one GRPO update on 2 FSDP ranks equal the single-process ones within float tolerance."""
     flags = ["grpo_vl.py", "--model", "tiny", "--data", "synthetic:32", "--max-steps", "1", "--gen-batch", "1",
+             "--sft-steps", "2", "--sft-lr", "1e-3",
              "--length-bonus", "0.01", "--lr", "1e-2", "--micro-batch", "3", "--log-completions-every", "0",
              "--max-new-tokens", "48"]
     run([sys.executable, *flags, "--out", str(tmp_path / "one")])
     run([*TORCHRUN, *flags, "--out", str(tmp_path / "two")])
-    (m1,), (m2,) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    (s1, s1b, m1), (s2, s2b, m2) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert s1["phase"] == "sft" and s1b["loss"] == pytest.approx(s2b["loss"], rel=1e-5)
+    assert m1["kl"] == 0.0 == m2["kl"]  # the reference was refreshed to the post-SFT weights on every rank
     assert m1["reward"] == pytest.approx(m2["reward"], abs=1e-6) and m1["frac_zero_std"] < 1  # float32 means
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4, abs=1e-9)
