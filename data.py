@@ -1,9 +1,8 @@
 """Data (RECIPES §D, §P): the prompts, the data set adapters, a synthetic task, and batching.
 
-Every adapter turns a published row into one internal example:
-    {"images": [image, ...], "question": str, "answer": gold text, "choices": [option texts] or None,
-     "task": str, "source": str}
-`images` hold whatever qwen-vl-utils takes (PIL image, path, URL); bytes are opened here first.
+Every adapter turns a published row into one example: {"images": [PIL / path / URL / bytes], "question",
+"answer": gold text, "choices": [option texts] or None, "task", "source"} plus, for SFT and StepGRPO,
+"solution" (P3 sections), "key_steps" ([[equivalent forms], ...]) or "target" (a chat row's reply).
 """
 import io
 import json
@@ -109,11 +108,9 @@ def key_steps(row):
 def from_stepwise(row, i, name):
     """Step-wise CoT rows (R1-VL-10K / Mulberry): the gold answer is the solution's final-answer line."""
     solution = row.get("solution") or ""
-    if FINAL not in solution:
-        raise bad_row(name, i, "solution", f"no '{FINAL}' line to take the answer from")
-    answer = (solution.rpartition(FINAL)[2].strip().splitlines() or [""])[0]
+    answer = (solution.rpartition(FINAL)[2].strip().splitlines() or [""])[0] if FINAL in solution else ""
     if not answer:
-        raise bad_row(name, i, "solution", "the final answer is empty")
+        raise bad_row(name, i, "solution", f"no answer after a '{FINAL}' line")
     return {"images": row_images(row, i, name), "question": row["problem"], "answer": answer, "choices": None,
             "task": row.get("task") or "step", "source": name, "solution": solution, "key_steps": key_steps(row)}
 
@@ -153,12 +150,9 @@ def load_examples(spec, split, seed=0):
         return [from_cvbench(r, i, spec) for i, r in enumerate(synthetic_rows(n, seed + (split != "train")))]
     import datasets  # imported here: start-up stays fast for the synthetic path
 
-    ext = os.path.splitext(spec)[1].lstrip(".")
-    if os.path.isfile(spec):
-        ds = datasets.load_dataset({"jsonl": "json"}.get(ext, ext), data_files=spec)
-    else:
-        ds = datasets.load_dataset(spec)
-    ds = ds[split] if split in ds else ds[next(iter(ds))]
+    ext = {"jsonl": "json"}.get(os.path.splitext(spec)[1][1:], os.path.splitext(spec)[1][1:])
+    ds = datasets.load_dataset(ext, data_files=spec) if os.path.isfile(spec) else datasets.load_dataset(spec)
+    ds = ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only/first one
     cols, rng, out, multi = set(ds.column_names), random.Random(seed), [], 0
     for i, row in enumerate(ds):
         if "image_bytes" in cols:  # SAT: single-image rows only (r1zero trains on those)
@@ -170,11 +164,16 @@ def load_examples(spec, split, seed=0):
             out.append(from_cvbench(row, i, spec))
         elif {"problem", "solution"} <= cols:
             out.append(from_stepwise(row, i, spec))
+        elif {"problem", "answer"} <= cols:  # math RL rows (geometry3k / Vision-R1-rl)
+            if not str(row.get("answer") or "").strip():
+                raise bad_row(spec, i, "answer", "no answer")
+            out.append({"images": row_images(row, i, spec), "question": row["problem"], "answer": str(row["answer"]),
+                        "choices": None, "task": "math", "source": spec})
         elif cols & {"messages", "conversations"}:
             out.append(from_chat(row, i, spec))
         else:
             raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema "
-                             "(SAT, CV-Bench, step-wise CoT, chat SFT)")
+                             "(SAT, CV-Bench, step-wise CoT, math RL, chat SFT)")
     if multi:
         print(f"{spec}: kept {len(out)} single-image rows, left out {multi} multi-image rows")
     no_steps = sum(1 for ex in out if "key_steps" in ex and not ex["key_steps"])

@@ -21,10 +21,12 @@ Deliberate simplifications:
  6. Trajectories are written from rank 0's completions only.
 """
 import argparse
+import bisect
 import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import json
 import math
 import os
@@ -35,6 +37,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
+import transformers as tf
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
 import rewards as R
@@ -44,9 +48,9 @@ import rewards as R
 @dataclass
 class Args:
     variant: str = "r1zero"
-    """recipe (table V): r1zero | grpo | stepgrpo. Its values are the defaults of the flags below"""
+    """recipe (table V): r1zero | grpo | stepgrpo | vision-r1. Its values are the defaults of the flags below"""
     model: str = "Qwen/Qwen2-VL-2B"
-    """hub id or local folder of a Qwen2-VL / Qwen2.5-VL model, or 'tiny' (random weights, offline)"""
+    """hub id or local folder of a Qwen2-VL / Qwen2.5-VL model, or 'tiny' / 'tiny-2.5' (random weights, offline)"""
     data: str = "array/SAT"
     """training data: hub id, local folder or .json/.jsonl/.parquet file, or 'synthetic[:N]'"""
     eval_data: str = "nyu-visionx/CV-Bench"
@@ -56,7 +60,7 @@ class Args:
     prompt: str = "base"
     """prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)"""
     rewards: str = "accuracy,format"
-    """comma-separated rewards summed per G1: accuracy (R1), format (R2), step_accuracy (R4), step_validity (R5)"""
+    """rewards summed per G1: accuracy (R1), format (R2), step_accuracy (R4), step_validity (R5), hard_format (R6)"""
     length_bonus: float = 0.0
     """R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)"""
     alpha: float = 0.1
@@ -69,6 +73,8 @@ class Args:
     """T: sampling temperature, also applied to every log-prob (G8)"""
     max_new_tokens: int = 700
     """cap on completion length during training"""
+    ptst: str = ""
+    """PTST stages 'tokens:G:steps,...' (Vision-R1); each sets the cap and G for its steps, replacing --max-steps"""
     lr: float = 1e-6
     """AdamW learning rate, decayed linearly to 0"""
     beta: float = 0.04
@@ -121,8 +127,6 @@ class Args:
     """evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit"""
     eval_max_new_tokens: int = 1024
     """greedy decoding cap for evaluation (protocol E)"""
-    eval_limit: int = 0
-    """evaluate on the first N rows only; 0 = all"""
     log_completions_every: int = 10
     """write sampled completions with their rewards to OUT/trajectories/ every N steps"""
 
@@ -131,16 +135,21 @@ class Args:
 VARIANTS = {
     "r1zero": dict(model="Qwen/Qwen2-VL-2B", prompt="base", rewards="accuracy,format", num_generations=8,
                    temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
-    "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="instruct", rewards="accuracy,format",
-                 num_generations=8, temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
+    "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="instruct", rewards="accuracy,format", num_generations=8,
+                 temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
     "stepgrpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="step", rewards="step_accuracy,step_validity",
                      num_generations=4, temperature=1.2, max_new_tokens=1024, max_pixels=400000, data="",
                      sft_epochs=2, sft_lr=2e-5, sft_warmup=0.03, sft_weight_decay=0.05),
+    # PTST: 100 steps per stage is our default, not a published number
+    "vision-r1": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", prompt="plain", rewards="hard_format", temperature=1.0,
+                      ptst="4096:16:100,8192:8:100", data="", sft_epochs=2, sft_lr=5e-6, sft_warmup=0.05,
+                      sft_weight_decay=0.0, sft_batch=32),
 }
 # --model tiny is a laptop run: short completions, few prompts, offline data, and an SFT step size a
 # 0.2M-parameter random model notices (flags still win).
 TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=96, prompts_per_step=4,
-            eval_max_new_tokens=96, sft_lr=1e-2)
+            eval_max_new_tokens=96, sft_lr=1e-2, sft_batch=8)
+TINY_PTST = "96:8:10,96:4:10"  # replaces a variant's PTST stages for --model tiny
 
 
 def parse_args(argv=None):
@@ -154,7 +163,9 @@ def parse_args(argv=None):
     variant = given.get("variant", Args.variant)
     if variant not in VARIANTS:
         p.error(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    defaults = {**VARIANTS[variant], **(TINY if given.get("model") == "tiny" else {})}
+    tiny = given.get("model", "").startswith("tiny")
+    defaults = {**VARIANTS[variant], **(TINY if tiny else {})}
+    defaults["ptst"] = TINY_PTST if tiny and defaults.get("ptst") else defaults.get("ptst", "")
     args = Args(**{**defaults, **given})
     for name in args.rewards.split(","):
         if name not in R.REWARDS:
@@ -165,28 +176,37 @@ def parse_args(argv=None):
             p.error(f"{flag} {value!r}: expected one of {', '.join(map(repr, allowed))}")
     if not args.data:
         p.error(f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)")
-    if args.num_generations < 2:
-        p.error("--num-generations must be at least 2: a group of one has no relative advantage (G2)")
+    try:
+        stages = parse_ptst(args.ptst)
+    except ValueError:
+        p.error(f"--ptst {args.ptst!r}: expected stages 'tokens:G:steps' separated by commas, e.g. 4096:16:100,8192:8:100")
+    if min([args.num_generations] + [G for _, G, _ in stages]) < 2:
+        p.error("--num-generations (and every PTST stage's G) must be at least 2: a group of one has no advantage (G2)")
     return args
 
 
+def parse_ptst(spec):
+    """'4096:16:100,8192:8:100' -> [(4096, 16, 100), (8192, 8, 100)]: (completion cap, G, steps) per stage."""
+    stages = [tuple(int(x) for x in stage.split(":")) for stage in spec.split(",")] if spec else []
+    if any(len(st) != 3 or min(st) < 1 for st in stages):
+        raise ValueError(spec)
+    return stages
+
+
 # ============================================================================ models
-TINY_TEMPLATE = ("{% for m in messages %}{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a "
-                 "helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{% if m.content is string %}"
-                 "{{ m.content }}{% else %}{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|>"
-                 "<|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+                 "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}"
+                 "{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen2-VL's, minus the system turn
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
            "<|image_pad|>", "<|video_pad|>"]
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
 
 
-def build_tiny(seed=0, hidden=64, layers=2):
-    """A random-weight Qwen2-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on the spot
-    on the prompts and the synthetic task: real processor, real model class, no download."""
+def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
+    """A random-weight Qwen2-VL or Qwen2.5-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on
+    the spot on the prompts and the synthetic task: real processor, real model class, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
     rows = data.synthetic_rows(200, 12345)
     corpus = [data.P1 + data.P2 + data.P3] + [r["prompt"] for r in rows] + [r["solution"] for r in rows]
@@ -195,61 +215,52 @@ def build_tiny(seed=0, hidden=64, layers=2):
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     ids = tok.convert_tokens_to_ids
     special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|endoftext|>"),
                    pad_token_id=ids("<|endoftext|>"))
     hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) as 2:3:3, like [16, 24, 24]
-    cfg = Qwen2VLConfig(
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, window_size=56,
+                  fullatt_block_indexes=[1]) if qwen25 else dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2,
+                                                                  mlp_ratio=2)  # patch 14, merge 2 as the real ones
+    cfg = (tf.Qwen2_5_VLConfig if qwen25 else tf.Qwen2VLConfig)(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
                          num_hidden_layers=layers, num_key_value_heads=2, **special, rope_parameters={
                              "rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2),  # patch 14, merge 2
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False, **special)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_TEMPLATE)
+    model = (tf.Qwen2_5_VLForConditionalGeneration if qwen25 else tf.Qwen2VLForConditionalGeneration)(cfg)
+    processor = (tf.Qwen2_5_VLProcessor if qwen25 else tf.Qwen2VLProcessor)(
+        image_processor=tf.Qwen2VLImageProcessor(), tokenizer=tok, video_processor=tf.Qwen2VLVideoProcessor(),
+        chat_template=TINY_TEMPLATE)
     return model, processor
 
 
 def load_model(args):
     """(model, processor, eos ids, banned ids). Real models through the auto classes, fp32 master weights."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
-
-    if args.model == "tiny":
-        model, processor = build_tiny(args.seed)
+    if args.model in ("tiny", "tiny-2.5"):
+        model, processor = build_tiny(args.seed, qwen25=args.model == "tiny-2.5")
     else:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(args.model)
+        model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+        processor = tf.AutoProcessor.from_pretrained(args.model)
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
     gc_eos = model.generation_config.eos_token_id
     eos = sorted({i for i in ids + (gc_eos if isinstance(gc_eos, list) else [gc_eos]) if i is not None})
     # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
     # penalty 1.05). Replace it: RL must sample from, and score, the plain tempered distribution (G8).
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
     banned = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     return model, processor, eos, banned
-
-
-def freeze(model, part):
-    """The r1zero ablations: really stop gradients (the released flag froze nothing)."""
-    if part == "vision":
-        model.model.visual.requires_grad_(False)
-    elif part == "llm":
-        model.model.language_model.requires_grad_(False)
-        model.lm_head.requires_grad_(False)
 
 
 # ============================================================================ FSDP2 (I9)
 def shard(model, mesh, device):
     """fully_shard each vision block, each decoder layer, the vision tower, then the root. On GPU:
     bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
@@ -268,21 +279,17 @@ def shard(model, mesh, device):
 def gathered(model):
     """Gather the parameters once for a whole generate() call. Without this every generated token
     all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
-    from torch.distributed.fsdp import FSDPModule
-
     if not isinstance(model, FSDPModule):
         yield
         return
     model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
     model.unshard()
-    try:
-        yield
-    finally:
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+    yield
+    model.set_reshard_after_forward(True)
+    model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 # ============================================================================ batches (I3)
@@ -350,8 +357,7 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
 
 
 def sampling(args, banned):
-    """generate() settings of a rollout: plain sampling at T. transformers would otherwise keep only the
-    top 50 tokens (its default top_k), and hub configs add more; the scoring forward assumes none of it."""
+    """Plain sampling at T (G8): transformers' default top_k=50 and hub configs' settings would change it."""
     return dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 max_new_tokens=args.max_new_tokens, suppress_tokens=banned)
 
@@ -413,7 +419,6 @@ def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
     """Greedy decoding; an answer is right as R1 judges it. Accuracy overall (micro), per task, and
     CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2."""
     model.eval()
-    exs = exs[:args.eval_limit or None]
     mine = list(range(rank, len(exs), world))
     results = []
     with gathered(model):
@@ -479,24 +484,20 @@ def sft(model, processor, exs, args, banned, device, rank, world, log, record, a
     for step in range(1, steps + 1):
         t0 = time.time()
         b = sft_batch(processor, [exs[i] for i in my_share(order, step, n, rank, world)], args)
-        n_tok = b["mask"].sum().to(device)
-        if world > 1:
-            dist.all_reduce(n_tok)
+        n_tok = over_ranks({"n": b["mask"].sum().item()}, device)["n"]  # mean target tokens per rank
         opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for mb in split(b, args.micro_batch):
+        loss = 0.0
+        for mb in split(b, args.micro_batch):  # per rank / mean tokens per rank, averaged by FSDP = token mean
             with amp:
                 nll = -(token_logprobs(model, mb, 1.0, banned, device) * mb["mask"].to(device)).sum() / n_tok
-            (nll * world).backward()  # FSDP averages gradients over ranks; the sum over ranks is the mean
-            loss_sum += nll.detach()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        grad_norm = clip_and_step(params, opt, args.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]
+            nll.backward()
+            loss += nll.item()
+        grad_norm, lr = clip_and_step(params, opt, args.max_grad_norm), opt.param_groups[0]["lr"]
         sched.step()
-        record({"phase": "sft", "step": step, "loss": loss_sum.item(), "grad_norm": grad_norm, "lr": lr,
-                "tokens": n_tok.item(), "step_time": time.time() - t0})
-        log(f"sft {step}/{steps} | loss {loss_sum.item():.4f} | lr {lr:.2e} | {time.time() - t0:.1f}s")
+        loss = over_ranks({"loss": loss}, device)["loss"]
+        record({"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                "tokens": n_tok * world, "step_time": time.time() - t0})
+        log(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.1f}s")
 
 
 def clip_and_step(params, opt, max_norm):
@@ -537,7 +538,9 @@ def main(argv=None):
 
     model, processor, eos, banned = load_model(args)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
-    freeze(model, args.freeze)
+    if args.freeze:  # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
+        for m in [model.model.visual] if args.freeze == "vision" else [model.model.language_model, model.lm_head]:
+            m.requires_grad_(False)
     for m in (model, ref):
         if m is not None:
             shard(m, mesh, device) if mesh is not None else m.to(device)
@@ -556,12 +559,8 @@ def main(argv=None):
         run_eval("eval")
         return finish(world)
 
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w") if rank == 0 else None
-
-    def record(stats):
-        if rank == 0:
-            metrics_file.write(json.dumps(stats) + "\n")
-            metrics_file.flush()
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "w", buffering=1) if rank == 0 else None  # line-flushed
+    record = (lambda stats: metrics.write(json.dumps(stats) + "\n")) if rank == 0 else (lambda stats: None)
 
     log(f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{world} rank(s), {device} -> {args.out}")
@@ -580,17 +579,27 @@ def main(argv=None):
             return finish(world)
 
     exs = load_examples_or_exit(args.data, "train", args.seed)
-    P, G = args.prompts_per_step, args.num_generations
-    steps = args.max_steps or args.epochs * (len(exs) // P)
+    P = args.prompts_per_step
+    # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
+    stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations,
+                                        args.max_steps or args.epochs * (len(exs) // P))]
+    ends = list(itertools.accumulate(n for _, _, n in stages))
+    steps = ends[-1]
     order = data_order(len(exs), steps * P, args.seed)
     reward_fns = reward_functions(args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    log(f"GRPO: {steps} steps x {P} prompts x G={G}, rewards {', '.join(reward_fns)}")
+    log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(reward_fns)}")
 
     for step in range(1, steps + 1):
         t0 = time.time()
+        stage = bisect.bisect_left(ends, step)  # the same prompts per step in every stage; G and the cap change
+        args.max_new_tokens, args.num_generations = stages[stage][:2]
+        G = args.num_generations
+        if step == 1 or step == ends[stage - 1] + 1:
+            log(f"stage {stage + 1}/{len(stages)}: up to {args.max_new_tokens} new tokens, G = {G}, "
+                f"steps {step}-{ends[stage]}")
         # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
         with amp:
@@ -598,13 +607,9 @@ def main(argv=None):
                               seed=args.seed + 1_000_003 * step + rank * P // world)
         t1 = time.time()
         # ---- 2. reward (G1): sum of the variant's rewards; per-sample data stays aligned with its group (I8)
-        texts, ex_of, n_tok, trunc = [], [], [], []
-        for b, start in zip(batches, range(0, len(mine), args.gen_batch or len(mine))):
-            texts += processor.batch_decode(b["completion"], skip_special_tokens=True)
-            ex_of += [mine[start + i // G] for i in range(len(b["completion"]))]
-            n_tok += b["mask"].sum(1).tolist()
-            trunc += b["truncated"].tolist()
-        texts = [completion_text(t, args) for t in texts]
+        texts = [completion_text(t, args) for b in batches for t in processor.batch_decode(b["completion"], True)]
+        ex_of = [mine[j // G] for j in range(len(texts))]                   # I8: completion j answers prompt j // G
+        n_tok, trunc = torch.cat([b["mask"].sum(1) for b in batches]).tolist(), torch.cat([b["truncated"] for b in batches])
         per_fn = {name: torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
                   for name, fn in reward_fns.items()}
         r = sum(per_fn.values())                                                # (P_local*G,) G1
@@ -623,10 +628,9 @@ def main(argv=None):
                 mb["old"] = token_logprobs(model, mb, args.temperature, banned, device) if args.mu > 1 else None
         t3 = time.time()
         # ---- 5. policy update: mu epochs over the rollout batch (G5, G6)
-        n_tokens = sum(mb["mask"].sum() for mb in micro)
-        if args.loss_agg == "token" and world > 1:
-            dist.all_reduce(n_tokens)
-        denom = len(r) if args.loss_agg == "seq" else n_tokens / world  # FSDP averages gradients over ranks
+        n_tokens = sum(mb["mask"].sum() for mb in micro).item()  # this rank's completion tokens
+        # G6 per rank (FSDP then averages over ranks): seq -> / its completions; token -> / mean tokens per rank
+        denom = len(r) if args.loss_agg == "seq" else over_ranks({"n": n_tokens}, device)["n"]
         for epoch in range(args.mu):
             opt.zero_grad(set_to_none=True)
             kl = clip = loss_sum = 0.0
@@ -648,10 +652,11 @@ def main(argv=None):
         # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
         stats = over_ranks({"reward": r.mean().item(), "reward_std": r.view(-1, G).std(1).mean().item(),
                             "frac_zero_std": frac_zero_std, **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
-                            "completion_len": sum(n_tok) / len(n_tok), "truncated_frac": sum(trunc) / len(trunc),
+                            "completion_len": sum(n_tok) / len(n_tok), "truncated_frac": trunc.float().mean().item(),
                             "kl": kl, "clip_frac": clip, "loss": loss_sum,
                             "reflection_rate": sum(map(R.reflects, texts)) / len(texts)}, device)
-        stats.update(step=step, phase="rl", grad_norm=grad_norm, lr=lr, step_time=time.time() - t0,
+        stats.update(step=step, phase="rl", stage=stage + 1, max_new_tokens=args.max_new_tokens, num_generations=G,
+                     grad_norm=grad_norm, lr=lr, step_time=time.time() - t0,
                      completion_len_max=over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"],
                      **{"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/ref_old": t3 - t2,
                         "time/update": t4 - t3})

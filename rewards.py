@@ -24,12 +24,11 @@ def last_tag(text, tag):
 NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven "
                                            "twelve thirteen fourteen fifteen sixteen seventeen eighteen "
                                            "nineteen twenty".split())}
-MAX_ANSWER = 200  # longer "answers" are compared as strings only; the parser below never sees them
 
 
 def normalize(s):
     """Strip the wrappers an answer comes in ($..$, \\boxed{}, \\text{}, 'answer:'), case and outer punctuation."""
-    s = s.strip()[:MAX_ANSWER * 5].lower()
+    s = s.strip()[:1000].lower()  # an answer, not an essay: bounded work
     for _ in range(3):  # a few layers of wrapping, no more: bounded work on hostile nesting
         s = re.sub(r"^(?:the )?(?:final )?answer(?: is)?\s*[:：]?\s*", "", s).strip()
         s = s.strip("$ ").replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
@@ -42,13 +41,15 @@ def normalize(s):
 def parse_number(s):
     """A float from a number, a number word or simple math (\\frac, a/b, \\sqrt, products, + -), or None.
 
-    A recursive-descent parser over a whitelist of tokens: digits, . + - * / ( ) { } \\frac \\sqrt.
-    Anything else (letters, ^, function calls, code) is not a number. Length-capped, so depth-capped."""
+    A recursive-descent parser over a whitelist of tokens: digits, . + - * / ( ) { } \\frac \\sqrt; a unit
+    or degree sign at the end is dropped. Anything else (letters, ^, calls, code) is not a number.
+    Length-capped, so depth-capped."""
     s = s.strip()
     if s in NUMBER_WORDS:
         return float(NUMBER_WORDS[s])
     s = re.sub(r"\\[dt]frac", r"\\frac", s.replace(" ", "")).replace("\\cdot", "*").replace("\\times", "*")
-    s = re.sub(r"(\^\{?\\circ\}?|°|\\%|%)$", "", s)  # 30°, 30^\circ, 50%: the number
+    s = re.sub(r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$",
+               "", s)  # 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2: the number
     if not s or len(s) > 100:
         return None
     toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)[::-1]  # a stack: next token last
@@ -80,12 +81,10 @@ def parse_number(s):
             v = expr()
             take(")" if t == "(" else "}")
             return v
-        if t == "\\frac":
-            take("{"); a = expr(); take("}"); take("{"); b = expr(); take("}")
-            return a / b
-        if t == "\\sqrt":
-            take("{"); a = expr(); take("}")
-            return math.sqrt(a)
+        if t == "\\frac":  # \frac{a}{b}: two braced factors
+            return factor() / factor()
+        if t == "\\sqrt":  # \sqrt{a} or \sqrt3
+            return math.sqrt(factor())
         return float(t)  # raises on anything that is not a number token
 
     try:
@@ -134,21 +133,13 @@ def accuracy(text, ex, n_tokens=0):
 def think_answer_format(text, ex=None, n_tokens=0):
     """R2: 1 if text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) + trailing space.
 
-    Same language as re.fullmatch of that pattern, decided in linear time: the text starts with <think>,
-    ends with </answer>, and somewhere between them stands '</think>', optional space, '<answer>'."""
+    Same language as re.fullmatch of that pattern (whose lazy .*? backtracks quadratically on hostile text),
+    decided in linear time: the text starts with <think>, ends with </answer>, and somewhere between them
+    stands '</think>', optional space, '<answer>' (each run of space is scanned once)."""
     t = text.rstrip()
     if not (t.startswith("<think>") and t.endswith("</answer>")):
         return 0.0
-    middle = t[len("<think>"):len(t) - len("</answer>")]
-    i = middle.find("</think>")
-    while i >= 0:  # each '</think>' is looked at once; the space after it is skipped once
-        j = i + len("</think>")
-        while j < len(middle) and middle[j].isspace():
-            j += 1
-        if middle.startswith("<answer>", j):
-            return 1.0
-        i = middle.find("</think>", j)
-    return 0.0
+    return float(re.search(r"</think>\s*<answer>", t[len("<think>"):len(t) - len("</answer>")]) is not None)
 
 
 def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
@@ -197,8 +188,20 @@ def step_validity(text, ex=None, n_tokens=0):
     return float(n >= 1 and kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])
 
 
+# --------------------------------------------------------------------------- Vision-R1
+def hard_format(text, ex, n_tokens=0):
+    """R6 HFRRF: 1 iff the completion is exactly one <think>...</think> then one <answer>...</answer> with
+    nothing but whitespace outside them, AND the answer is right (R1's equality); else 0."""
+    t = text.strip()
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    if not (t.startswith("<think>") and t.endswith("</answer>")) or any(t.count(tag) != 1 for tag in tags):
+        return 0.0
+    close, open_ = t.index("</think>"), t.index("<answer>")
+    return float(close < open_ and not t[close + 8:open_].strip() and is_correct(last_tag(t, "answer"), ex))
+
+
 REWARDS = {"accuracy": accuracy, "format": think_answer_format, "length": length_bonus,
-           "step_accuracy": step_accuracy, "step_validity": step_validity}
+           "step_accuracy": step_accuracy, "step_validity": step_validity, "hard_format": hard_format}
 
 # --------------------------------------------------------------------------- R7, a metric
 REFLECTION = re.compile(r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"

@@ -90,6 +90,7 @@ def test_r7_reflection():
 HOSTILE = [
     "<answer>" * 20000, "</answer>" * 20000, "<think>" + "</think>" * 20000 + "<answer>x",
     "<think>" + " " * 100000 + "</think>" + "\t" * 100000, "(" * 50000 + ")" * 50000,
+    "<think>" + "</think> " * 50000 + "</answer>", "<think>" + ("</think>" + " " * 50) * 20000 + "</answer>",
     "<answer>" + "{" * 5000 + "}" * 5000 + "</answer>", "<answer>\\frac{" * 3000 + "</answer>",
     "<answer>__import__('os').system('touch /tmp/pwned')</answer>", "\x00\xff\ud800" * 1000,
     "<answer>" + "1" * 5000 + "</answer>", "<answer>" + "\\sqrt{" * 40 + "2" + "}" * 40 + "</answer>",
