@@ -4,6 +4,7 @@ Every adapter turns a published row into one example: {"images": [PIL / path / U
 "answer": gold text, "choices": [option texts] or None, "task", "source"} plus, for SFT and StepGRPO,
 "solution" (P3 sections), "key_steps" ([[equivalent forms], ...]) or "target" (a chat row's reply).
 """
+import collections
 import io
 import json
 import os
@@ -75,8 +76,25 @@ def sft_target(ex, style):
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def bad_row(name, i, column, why):
-    return ValueError(f"data set {name!r}, row {i}, column {column!r}: {why}")
+class BadRow(ValueError):
+    def __init__(self, name, i, column, why):
+        super().__init__(f"data set {name!r}, row {i}, column {column!r}: {why}")
+        self.reason = f"{column}: {why.split(' (')[0]}"
+
+
+bad_row = BadRow
+
+
+def check_images(ex, i, name):
+    """Open each image's header now, so an unreadable one is named at load time, not mid-training."""
+    for im in ex["images"]:
+        try:
+            im = open_image(im)
+            if isinstance(im, str) and not im.startswith(("http://", "https://", "data:")):
+                im = Image.open(im.removeprefix("file://"))
+            im.size
+        except Exception as e:  # noqa: BLE001 -- any failure to read it is this row's fault
+            raise bad_row(name, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def from_cvbench(row, i, name):
@@ -143,8 +161,9 @@ def from_sat(row, i, name, rng):
             "task": "SAT", "source": "SAT"}
 
 
-def load_examples(spec, split, seed=0):
-    """`synthetic[:N]`, a hub id, a local data set folder, or a .json/.jsonl/.parquet/.csv file."""
+def load_examples(spec, split, seed=0, skip_bad=False):
+    """`synthetic[:N]`, a hub id, a local data set folder, or a .json/.jsonl/.parquet/.csv file. A bad row
+    stops the load with its data set, row and column named, or with skip_bad is skipped and counted."""
     if spec.startswith("synthetic"):
         n = int(spec.split(":")[1]) if ":" in spec else 2000
         return [from_cvbench(r, i, spec) for i, r in enumerate(synthetic_rows(n, seed + (split != "train")))]
@@ -153,27 +172,37 @@ def load_examples(spec, split, seed=0):
     ext = {"jsonl": "json"}.get(os.path.splitext(spec)[1][1:], os.path.splitext(spec)[1][1:])
     ds = datasets.load_dataset(ext, data_files=spec) if os.path.isfile(spec) else datasets.load_dataset(spec)
     ds = ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only/first one
-    cols, rng, out, multi = set(ds.column_names), random.Random(seed), [], 0
+    cols, rng, out, multi, skipped = set(ds.column_names), random.Random(seed), [], 0, collections.Counter()
+    if not ("image_bytes" in cols or {"prompt", "choices", "answer"} <= cols or "problem" in cols
+            or cols & {"messages", "conversations"}):
+        raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema "
+                         "(SAT, CV-Bench, step-wise CoT, math RL, chat SFT)")
     for i, row in enumerate(ds):
-        if "image_bytes" in cols:  # SAT: single-image rows only (r1zero trains on those)
-            if len(row["image_bytes"] or []) != 1:
-                multi += 1
-                continue
-            out.append(from_sat(row, i, spec, rng))
-        elif {"prompt", "choices", "answer"} <= cols:
-            out.append(from_cvbench(row, i, spec))
-        elif {"problem", "solution"} <= cols:
-            out.append(from_stepwise(row, i, spec))
-        elif {"problem", "answer"} <= cols:  # math RL rows (geometry3k / Vision-R1-rl)
-            if not str(row.get("answer") or "").strip():
-                raise bad_row(spec, i, "answer", "no answer")
-            out.append({"images": row_images(row, i, spec), "question": row["problem"], "answer": str(row["answer"]),
-                        "choices": None, "task": "math", "source": spec})
-        elif cols & {"messages", "conversations"}:
-            out.append(from_chat(row, i, spec))
-        else:
-            raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema "
-                             "(SAT, CV-Bench, step-wise CoT, math RL, chat SFT)")
+        try:
+            if "image_bytes" in cols:  # SAT: single-image rows only (r1zero trains on those)
+                if len(row["image_bytes"] or []) != 1:
+                    multi += 1
+                    continue
+                ex = from_sat(row, i, spec, rng)
+            elif {"prompt", "choices", "answer"} <= cols:
+                ex = from_cvbench(row, i, spec)
+            elif {"problem", "solution"} <= cols:
+                ex = from_stepwise(row, i, spec)
+            elif {"problem", "answer"} <= cols:  # math RL rows (geometry3k / Vision-R1-rl)
+                if not str(row.get("answer") or "").strip():
+                    raise bad_row(spec, i, "answer", "no answer")
+                ex = {"images": row_images(row, i, spec), "question": row["problem"], "answer": str(row["answer"]),
+                      "choices": None, "task": "math", "source": spec}
+            else:
+                ex = from_chat(row, i, spec)
+            check_images(ex, i, spec)
+            out.append(ex)
+        except BadRow as e:
+            if not skip_bad:
+                raise
+            skipped[e.reason] += 1
+    if skipped:
+        print(f"{spec}: skipped {sum(skipped.values())} bad rows: " + ", ".join(f"{n} x {r}" for r, n in skipped.items()))
     if multi:
         print(f"{spec}: kept {len(out)} single-image rows, left out {multi} multi-image rows")
     no_steps = sum(1 for ex in out if "key_steps" in ex and not ex["key_steps"])

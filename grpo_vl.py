@@ -32,12 +32,18 @@ import math
 import os
 import random
 import re
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
 import transformers as tf
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
@@ -120,7 +126,7 @@ class Args:
     seed: int = 0
     """seed of the data order, the tiny model and the rollouts"""
     save_every: int = 0
-    """write OUT/checkpoint every N steps (and always at the end); 0 = at the end only"""
+    """checkpoint every N steps (and at the end of each phase); 0 = at the ends only"""
     eval_every: int = 0
     """evaluate on --eval-data every N steps and at the end; 0 = never during training"""
     eval: bool = False
@@ -129,6 +135,14 @@ class Args:
     """greedy decoding cap for evaluation (protocol E)"""
     log_completions_every: int = 10
     """write sampled completions with their rewards to OUT/trajectories/ every N steps"""
+    resume: bool = False
+    """continue from OUT/checkpoint: weights, optimizer, schedule, phase, step (rollouts are seeded per step)"""
+    keep: int = 2
+    """checkpoints kept in OUT/checkpoints/ (OUT/checkpoint links to the newest)"""
+    skip_bad_rows: bool = False
+    """skip unusable data rows, counted by reason, instead of stopping at the first one"""
+    trust_remote_code: bool = False
+    """let transformers run code shipped in a model folder (off: weights load through safetensors only)"""
 
 
 # Table V. Every value is only a default: a flag given on the command line wins.
@@ -174,6 +188,11 @@ def parse_args(argv=None):
                                  ("seq", "token")), ("--freeze", args.freeze, ("", "vision", "llm"))]:
         if value not in allowed:
             p.error(f"{flag} {value!r}: expected one of {', '.join(map(repr, allowed))}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.prompts_per_step % world or args.sft_batch % world:
+        p.error(f"--prompts-per-step {args.prompts_per_step} and --sft-batch {args.sft_batch} must divide by {world} ranks")
+    if not tiny and not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
+        p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
     if not args.data:
         p.error(f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)")
     try:
@@ -244,8 +263,9 @@ def load_model(args):
     if args.model in ("tiny", "tiny-2.5"):
         model, processor = build_tiny(args.seed, qwen25=args.model == "tiny-2.5")
     else:
-        model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
-        processor = tf.AutoProcessor.from_pretrained(args.model)
+        model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32,
+                                                               trust_remote_code=args.trust_remote_code)
+        processor = tf.AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
     gc_eos = model.generation_config.eos_token_id
@@ -469,7 +489,7 @@ def sft_batch(processor, exs, args):
     return b
 
 
-def sft(model, processor, exs, args, banned, device, rank, world, log, record, amp):
+def sft(model, processor, exs, args, banned, device, rank, world, log, record, amp, progress):
     """Next-token cross-entropy on the target tokens (a token mean over all ranks); AdamW with weight
     decay, linear warm-up then cosine decay. The target is scored exactly as RL scores a completion."""
     n = args.sft_batch
@@ -481,7 +501,9 @@ def sft(model, processor, exs, args, banned, device, rank, world, log, record, a
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1))))
     order = data_order(len(exs), steps * n, args.seed)
     log(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
-    for step in range(1, steps + 1):
+    if progress and progress["phase"] == "sft":
+        resume(model, opt, sched, None, args)
+    for step in range(progress["step"] + 1 if progress else 1, steps + 1):
         t0 = time.time()
         b = sft_batch(processor, [exs[i] for i in my_share(order, step, n, rank, world)], args)
         n_tok = over_ranks({"n": b["mask"].sum().item()}, device)["n"]  # mean target tokens per rank
@@ -498,25 +520,71 @@ def sft(model, processor, exs, args, banned, device, rank, world, log, record, a
         record({"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                 "tokens": n_tok * world, "step_time": time.time() - t0})
         log(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.1f}s")
+        if step == steps or (args.save_every and step % args.save_every == 0):
+            save_checkpoint(model, opt, sched, None, processor, args, "sft", step, rank)
 
 
 def clip_and_step(params, opt, max_norm):
+    """Clip the gradient norm, then step -- unless it is not finite: then stop, keeping the last checkpoint."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    if not math.isfinite(grad_norm):
+        raise SystemExit(f"error: the gradient norm is {grad_norm}; stopping before the weights are hurt "
+                         "(OUT/checkpoint holds the last good ones)")
     opt.step()
-    return (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    return grad_norm
 
 
 # ============================================================================ checkpoints
-def save_checkpoint(model, processor, path, rank):
-    """Full state dict gathered on rank 0 and written with save_pretrained: any transformers user can load it."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = model.state_dict()
+def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
+    """OUT/checkpoints/<phase>-<step>/: the model for any transformers user (gathered on rank 0, written with
+    save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
+    (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
+    mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
+    root, name = os.path.join(args.out, "checkpoints"), f"{phase}-{step:06d}"
+    tmp = os.path.join(root, ".tmp-" + name)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        model.save_pretrained(path, state_dict=sd)
-        processor.save_pretrained(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        cls = type(model)  # save_pretrained writes the hub's key layout only for transformers' own classes:
+        model.__class__ = cls.__mro__[2] if isinstance(model, FSDPModule) else cls  # so unwrap FSDP's for it
+        model.save_pretrained(tmp, state_dict=full)
+        model.__class__ = cls
+        processor.save_pretrained(tmp)
+        json.dump({"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)},
+                  open(os.path.join(tmp, "progress.json"), "w"), indent=1)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd, **({"ref": get_model_state_dict(ref)} if ref else {})},
+             checkpoint_id=os.path.join(tmp, "train_state"))
+    barrier()
+    if rank == 0:
+        os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
+        link = os.path.join(args.out, "checkpoint")
+        os.symlink(os.path.join("checkpoints", name), link + ".tmp")
+        os.replace(link + ".tmp", link)
+        done = sorted((d for d in os.listdir(root) if not d.startswith(".")),
+                      key=lambda d: os.path.getmtime(os.path.join(root, d)))
+        for old in done[:-args.keep]:
+            shutil.rmtree(os.path.join(root, old))
+    barrier()
+
+
+def resume(model, opt, sched, ref, args):
+    """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
+    path = os.path.join(args.out, "checkpoint")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd, **({"ref": get_model_state_dict(ref)} if ref else {})}
+    # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ref:
+        set_model_state_dict(ref, state["ref"])
+    sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ============================================================================ the training loop
@@ -531,8 +599,6 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (world,))
-    if args.prompts_per_step % world:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by {world} ranks")
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
 
@@ -546,7 +612,7 @@ def main(argv=None):
             shard(m, mesh, device) if mesh is not None else m.to(device)
     # Single GPU without torchrun: bf16 autocast over fp32 weights (FSDP's policy does this otherwise).
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and mesh is None else contextlib.nullcontext()
-    eval_exs = load_examples_or_exit(args.eval_data, "test", args.seed) if args.eval or args.eval_every else None
+    eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
 
     def run_eval(name):  # protocol E on --eval-data, written to OUT/<name>.json
         with amp:
@@ -559,26 +625,34 @@ def main(argv=None):
         run_eval("eval")
         return finish(world)
 
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "w", buffering=1) if rank == 0 else None  # line-flushed
+    progress = None  # where a --resume run picks up: {"phase", "step", "sched", "args"} of OUT/checkpoint
+    if args.resume and os.path.exists(os.path.join(args.out, "checkpoint", "progress.json")):
+        progress = json.load(open(os.path.join(args.out, "checkpoint", "progress.json")))
+        log(f"resuming after {progress['phase']} step {progress['step']}")
+    metrics_path, order_of = os.path.join(args.out, "metrics.jsonl"), {"sft": 0, "rl": 1}
+    if rank == 0 and progress and os.path.exists(metrics_path):  # drop lines written after the checkpoint
+        lines = [x for x in open(metrics_path) if (order_of[json.loads(x)["phase"]], json.loads(x)["step"])
+                 <= (order_of[progress["phase"]], progress["step"])]
+        open(metrics_path, "w").writelines(lines)
+    metrics = open(metrics_path, "a" if progress else "w", buffering=1) if rank == 0 else None  # line-flushed
     record = (lambda stats: metrics.write(json.dumps(stats) + "\n")) if rank == 0 else (lambda stats: None)
 
     log(f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{world} rank(s), {device} -> {args.out}")
     # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
-    if args.sft_epochs or args.sft_steps or args.sft_only:
-        sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args.seed)
+    if (args.sft_epochs or args.sft_steps or args.sft_only) and not (progress and progress["phase"] == "rl"):
+        sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args)
         missing = [i for i, ex in enumerate(sft_exs) if not (ex.get("solution") or ex.get("target"))]
         if missing:
             raise SystemExit(f"error: SFT data set {args.sft_data or args.data!r}, row {missing[0]}: no 'solution' "
                              f"or assistant turn to learn from ({len(missing)} such rows)")
-        sft(model, processor, sft_exs, args, banned, device, rank, world, log, record, amp)
+        sft(model, processor, sft_exs, args, banned, device, rank, world, log, record, amp, progress)
         if ref is not None:
             ref.load_state_dict(model.state_dict())
-        save_checkpoint(model, processor, os.path.join(args.out, "checkpoint"), rank)
         if args.sft_only:
             return finish(world)
 
-    exs = load_examples_or_exit(args.data, "train", args.seed)
+    exs = load_examples_or_exit(args.data, "train", args)
     P = args.prompts_per_step
     # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
     stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations,
@@ -591,8 +665,10 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(reward_fns)}")
+    if progress and progress["phase"] == "rl":
+        resume(model, opt, sched, ref, args)
 
-    for step in range(1, steps + 1):
+    for step in range(progress["step"] + 1 if progress and progress["phase"] == "rl" else 1, steps + 1):
         t0 = time.time()
         stage = bisect.bisect_left(ends, step)  # the same prompts per step in every stage; G and the cap change
         args.max_new_tokens, args.num_generations = stages[stage][:2]
@@ -676,9 +752,7 @@ def main(argv=None):
         if args.eval_every and (step % args.eval_every == 0 or step == steps):
             run_eval(f"eval_step{step}")
         if step == steps or (args.save_every and step % args.save_every == 0):
-            save_checkpoint(model, processor, os.path.join(args.out, "checkpoint"), rank)
-            if rank == 0:
-                json.dump(asdict(args), open(os.path.join(args.out, "checkpoint", "args.json"), "w"), indent=1)
+            save_checkpoint(model, opt, sched, ref, processor, args, "rl", step, rank)
     finish(world)
 
 
@@ -701,11 +775,12 @@ def reward_functions(args):
     return fns
 
 
-def load_examples_or_exit(spec, which, seed):
+def load_examples_or_exit(spec, which, args):
     try:
-        return data.load_examples(spec, which, seed)
+        return data.load_examples(spec, which, args.seed, args.skip_bad_rows)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        print(f"grpo_vl.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def finish(world):
