@@ -49,12 +49,11 @@ def open_image(img):
     return Image.open(io.BytesIO(img)) if isinstance(img, (bytes, bytearray)) else img
 
 
-def encode(processor, examples, style, min_pixels, max_pixels):
+def encode(processor, examples, style, max_pixels):
     """Left-padded processor batch for a list of examples (I2). Images are fetched and resized by
-    qwen-vl-utils to a multiple of patch*merge within [min_pixels, max_pixels]."""
-    patch = processor.image_processor.patch_size
-    images = [fetch_image({"image": open_image(im), "min_pixels": min_pixels, "max_pixels": max_pixels},
-                          image_patch_size=patch) for ex in examples for im in ex["images"]]
+    qwen-vl-utils to a multiple of patch * merge with at most max_pixels."""
+    images = [fetch_image({"image": open_image(im), "min_pixels": 3136, "max_pixels": max_pixels},
+                          image_patch_size=processor.image_processor.patch_size) for ex in examples for im in ex["images"]]
     texts = [prompt_text(ex, style, processor) for ex in examples]
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 

@@ -41,9 +41,7 @@ import torch
 import torch.distributed as dist
 import transformers as tf
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
@@ -113,10 +111,8 @@ class Args:
     """AdamW weight decay during SFT"""
     sft_batch: int = 8
     """SFT examples per optimizer step, summed over all ranks"""
-    min_pixels: int = 3136
-    """images are resized (qwen-vl-utils) to at least this many pixels"""
     max_pixels: int = 401408
-    """... and at most this many"""
+    """images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)"""
     micro_batch: int = 8
     """sequences per forward/backward pass (gradients accumulate within a step)"""
     gen_batch: int = 0
@@ -163,7 +159,6 @@ VARIANTS = {
 # 0.2M-parameter random model notices (flags still win).
 TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=96, prompts_per_step=4,
             eval_max_new_tokens=96, sft_lr=1e-2, sft_batch=8)
-TINY_PTST = "96:8:10,96:4:10"  # replaces a variant's PTST stages for --model tiny
 
 
 def parse_args(argv=None):
@@ -179,7 +174,6 @@ def parse_args(argv=None):
         p.error(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}")
     tiny = given.get("model", "").startswith("tiny")
     defaults = {**VARIANTS[variant], **(TINY if tiny else {})}
-    defaults["ptst"] = TINY_PTST if tiny and defaults.get("ptst") else defaults.get("ptst", "")
     args = Args(**{**defaults, **given})
     for name in args.rewards.split(","):
         if name not in R.REWARDS:
@@ -217,9 +211,8 @@ TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.conte
                  "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}"
                  "{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen2-VL's, minus the system turn
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-           "<|image_pad|>", "<|video_pad|>"]
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"] + VISION_TOKENS  # Qwen2-VL's
 
 
 def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
@@ -236,8 +229,7 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     ids = tok.convert_tokens_to_ids
-    special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|endoftext|>"),
-                   pad_token_id=ids("<|endoftext|>"))
+    special = dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"], ids("<|endoftext|>"))
     hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) as 2:3:3, like [16, 24, 24]
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, window_size=56,
                   fullatt_block_indexes=[1]) if qwen25 else dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2,
@@ -246,8 +238,7 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
                          num_hidden_layers=layers, num_key_value_heads=2, **special, rope_parameters={
                              "rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}),
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_config=vision, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False, **special)
     torch.manual_seed(seed)
@@ -319,21 +310,17 @@ MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "
 def take(batch, idx):
     """Sequences `idx` of a batch. pixel_values holds one row per image patch of all images of the batch,
     concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen samples' images.
-    take(b, arange(P).repeat_interleave(G)) expands prompts to their groups; never .repeat, which
-    would interleave the groups."""
-    idx = torch.as_tensor(idx)
-    n_img = batch["n_images"]                                          # (B,) images per sample
-    first_img = n_img.cumsum(0) - n_img
-    images = torch.cat([torch.arange(first_img[i], first_img[i] + n_img[i]) for i in idx])
-    n_patch = batch["image_grid_thw"].prod(-1)                         # (n_images,) rows per image
-    first_patch = n_patch.cumsum(0) - n_patch
-    rows = torch.cat([torch.arange(first_patch[j], first_patch[j] + n_patch[j]) for j in images])
+    take(b, arange(P).repeat_interleave(G)) expands prompts to groups; .repeat would interleave them."""
+    spans = lambda sizes, picked: torch.cat([torch.arange(a - n, a) for a, n in zip(sizes.cumsum(0)[picked],
+                                                                                    sizes[picked])])
+    images = spans(batch["n_images"], torch.as_tensor(idx))                 # (n,) this batch's image indices
+    rows = spans(batch["image_grid_thw"].prod(-1), images)                  # pixel_values rows of those images
     out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
     return {**out, "image_grid_thw": batch["image_grid_thw"][images], "pixel_values": batch["pixel_values"][rows]}
 
 
 def encode(processor, exs, args):
-    b = dict(data.encode(processor, exs, args.prompt, args.min_pixels, args.max_pixels))
+    b = dict(data.encode(processor, exs, args.prompt, args.max_pixels))
     b["n_images"] = torch.tensor([len(ex["images"]) for ex in exs])
     return b
 
@@ -346,10 +333,7 @@ def split(b, size):
 
 def data_order(n, needed, seed):
     """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
-    order = []
-    while len(order) < needed:
-        order += random.Random(seed + len(order)).sample(range(n), n)
-    return order
+    return [i for epoch in range(-(-needed // n)) for i in random.Random(seed + epoch).sample(range(n), n)]
 
 
 def my_share(order, step, n, rank, world):
@@ -438,23 +422,18 @@ def aggregate(L, mask, how):
 def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
     """Greedy decoding; an answer is right as R1 judges it. Accuracy overall (micro), per task, and
     CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2."""
-    model.eval()
-    mine = list(range(rank, len(exs), world))
-    results = []
+    mine, results = exs[rank::world], []
     with gathered(model):
         for s in range(0, len(mine), 16):
-            chunk = [exs[i] for i in mine[s:s + 16]]
-            b = encode(processor, chunk, args)
+            b = encode(processor, mine[s:s + 16], args)
             seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, do_sample=False,
                                   max_new_tokens=args.eval_max_new_tokens, suppress_tokens=banned)
-            texts = processor.batch_decode(seqs[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
-            for ex, text in zip(chunk, texts):
+            for ex, text in zip(mine[s:s + 16], processor.batch_decode(seqs[:, b["input_ids"].shape[1]:], True)):
                 results.append((ex["task"], ex["source"], *judge(completion_text(text, args), ex, args.prompt)))
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, results)
         results = [r for rs in everyone for r in rs]
-    model.train()
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     acc = lambda key: mean([r[2] for r in results if key in r[:2]])
     report = {"n": len(results), "accuracy": mean([r[2] for r in results]), "format": mean([r[3] for r in results]),
@@ -543,7 +522,7 @@ def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
     mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
     root, name = os.path.join(args.out, "checkpoints"), f"{phase}-{step:06d}"
     tmp = os.path.join(root, ".tmp-" + name)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = dsd.get_model_state_dict(model, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         cls = type(model)  # save_pretrained writes the hub's key layout only for transformers' own classes:
@@ -553,8 +532,8 @@ def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
         processor.save_pretrained(tmp)
         json.dump({"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)},
                   open(os.path.join(tmp, "progress.json"), "w"), indent=1)
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd, **({"ref": get_model_state_dict(ref)} if ref else {})},
+    model_sd, optim_sd = dsd.get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})},
              checkpoint_id=os.path.join(tmp, "train_state"))
     barrier()
     if rank == 0:
@@ -572,13 +551,14 @@ def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
 def resume(model, opt, sched, ref, args):
     """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
     path = os.path.join(args.out, "checkpoint")
-    model_sd, optim_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd, **({"ref": get_model_state_dict(ref)} if ref else {})}
+    model_sd, optim_sd = dsd.get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})}
     # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), planner=DefaultLoadPlanner(allow_partial_load=True))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"),
+             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ref:
-        set_model_state_dict(ref, state["ref"])
+        dsd.set_model_state_dict(ref, state["ref"])
     sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])
 
 
@@ -607,9 +587,8 @@ def main(argv=None):
     if args.freeze:  # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
         for m in [model.model.visual] if args.freeze == "vision" else [model.model.language_model, model.lm_head]:
             m.requires_grad_(False)
-    for m in (model, ref):
-        if m is not None:
-            shard(m, mesh, device) if mesh is not None else m.to(device)
+    for m in filter(None, (model, ref)):
+        shard(m, mesh, device) if mesh is not None else m.to(device)
     # Single GPU without torchrun: bf16 autocast over fp32 weights (FSDP's policy does this otherwise).
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and mesh is None else contextlib.nullcontext()
     eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
@@ -625,25 +604,23 @@ def main(argv=None):
         run_eval("eval")
         return finish(world)
 
-    progress = None  # where a --resume run picks up: {"phase", "step", "sched", "args"} of OUT/checkpoint
-    if args.resume and os.path.exists(os.path.join(args.out, "checkpoint", "progress.json")):
-        progress = json.load(open(os.path.join(args.out, "checkpoint", "progress.json")))
-        log(f"resuming after {progress['phase']} step {progress['step']}")
-    metrics_path, order_of = os.path.join(args.out, "metrics.jsonl"), {"sft": 0, "rl": 1}
-    if rank == 0 and progress and os.path.exists(metrics_path):  # drop lines written after the checkpoint
-        lines = [x for x in open(metrics_path) if (order_of[json.loads(x)["phase"]], json.loads(x)["step"])
-                 <= (order_of[progress["phase"]], progress["step"])]
+    # --resume picks up where OUT/checkpoint left off: {"phase", "step", "sched", "args"}
+    saved = os.path.join(args.out, "checkpoint", "progress.json")
+    progress = json.load(open(saved)) if args.resume and os.path.exists(saved) else None
+    metrics_path, at = os.path.join(args.out, "metrics.jsonl"), lambda r: (r["phase"] == "rl", r["step"])
+    if rank == 0 and progress and os.path.exists(metrics_path):  # drop the lines written after the checkpoint
+        lines = [x for x in open(metrics_path) if at(json.loads(x)) <= at(progress)]
         open(metrics_path, "w").writelines(lines)
     metrics = open(metrics_path, "a" if progress else "w", buffering=1) if rank == 0 else None  # line-flushed
     record = (lambda stats: metrics.write(json.dumps(stats) + "\n")) if rank == 0 else (lambda stats: None)
 
     log(f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
-        f"{world} rank(s), {device} -> {args.out}")
+        f"{world} rank(s), {device} -> {args.out}" + (f"; resuming after {at(progress)}" if progress else ""))
     # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
-    if (args.sft_epochs or args.sft_steps or args.sft_only) and not (progress and progress["phase"] == "rl"):
+    in_rl = progress and progress["phase"] == "rl"
+    if (args.sft_epochs or args.sft_steps or args.sft_only) and not in_rl:
         sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args)
-        missing = [i for i, ex in enumerate(sft_exs) if not (ex.get("solution") or ex.get("target"))]
-        if missing:
+        if missing := [i for i, ex in enumerate(sft_exs) if not (ex.get("solution") or ex.get("target"))]:
             raise SystemExit(f"error: SFT data set {args.sft_data or args.data!r}, row {missing[0]}: no 'solution' "
                              f"or assistant turn to learn from ({len(missing)} such rows)")
         sft(model, processor, sft_exs, args, banned, device, rank, world, log, record, amp, progress)
@@ -660,15 +637,18 @@ def main(argv=None):
     ends = list(itertools.accumulate(n for _, _, n in stages))
     steps = ends[-1]
     order = data_order(len(exs), steps * P, args.seed)
-    reward_fns = reward_functions(args)
+    reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms; R3, R4 take flags
+    if "step_accuracy" in reward_fns:
+        reward_fns["step_accuracy"] = functools.partial(R.step_accuracy, alpha=args.alpha)
+    if args.length_bonus:
+        reward_fns["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(reward_fns)}")
-    if progress and progress["phase"] == "rl":
+    if in_rl:
         resume(model, opt, sched, ref, args)
-
-    for step in range(progress["step"] + 1 if progress and progress["phase"] == "rl" else 1, steps + 1):
+    for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
         t0 = time.time()
         stage = bisect.bisect_left(ends, step)  # the same prompts per step in every stage; G and the cap change
         args.max_new_tokens, args.num_generations = stages[stage][:2]
@@ -763,16 +743,6 @@ def over_ranks(stats, device, op=dist.ReduceOp.SUM):
         dist.all_reduce(t, op=op)
         stats = dict(zip(stats, (t / dist.get_world_size() if op == dist.ReduceOp.SUM else t).tolist()))
     return stats
-
-
-def reward_functions(args):
-    """The terms of G1 for this run; R3 and R4 take their coefficients from the flags."""
-    fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}
-    if "step_accuracy" in fns:
-        fns["step_accuracy"] = functools.partial(R.step_accuracy, alpha=args.alpha)
-    if args.length_bonus:
-        fns["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)
-    return fns
 
 
 def load_examples_or_exit(spec, which, args):

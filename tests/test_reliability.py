@@ -65,11 +65,15 @@ def test_resume_after_sigkill_is_bitwise_identical(uninterrupted, tmp_path):
 
 
 def test_resume_under_two_ranks_matches_within_float_tolerance(uninterrupted, tmp_path):
-    out = str(tmp_path / "killed2")
+    whole, out = str(tmp_path / "whole2"), str(tmp_path / "killed2")
+    subprocess.run([*TORCHRUN, *RUN, "--out", whole], cwd=ROOT, env=ENV, check=True, capture_output=True)
     kill_when([*TORCHRUN, *RUN, "--out", out], out, 5)
     subprocess.run([*TORCHRUN, *RUN, "--out", out, "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    a, b = weights(uninterrupted), weights(out)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    a, b, c = weights(whole), weights(out), weights(uninterrupted)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"\n2 ranks, resumed vs uninterrupted: max |diff| = {diff:.3g}; "
+          f"vs 1 process: {max((c[k] - b[k]).abs().max().item() for k in a):.3g}")
+    assert diff < 1e-6
     assert steps(out) == steps(uninterrupted)
 
 

@@ -69,7 +69,7 @@ def test_ptst_spec_parses_and_bad_specs_exit_2(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and ("--ptst" in err or "must be at least 2" in err), err
     assert g.parse_args(["--variant", "vision-r1", "--data", "x"]).ptst == "4096:16:100,8192:8:100"
-    assert g.parse_args(["--variant", "vision-r1", "--model", "tiny"]).ptst == g.TINY_PTST
+    assert g.parse_args(["--variant", "vision-r1", "--model", "tiny", "--ptst", "64:8:3"]).ptst == "64:8:3"
 
 
 def test_math_rl_rows(tmp_path):
