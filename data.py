@@ -52,8 +52,9 @@ def open_image(img):
 def encode(processor, examples, style, max_pixels):
     """Left-padded processor batch for a list of examples (I2). Images are fetched and resized by
     qwen-vl-utils to a multiple of patch * merge with at most max_pixels."""
+    patch = processor.image_processor.patch_size
     images = [fetch_image({"image": open_image(im), "min_pixels": 3136, "max_pixels": max_pixels},
-                          image_patch_size=processor.image_processor.patch_size) for ex in examples for im in ex["images"]]
+                          image_patch_size=patch) for ex in examples for im in ex["images"]]
     texts = [prompt_text(ex, style, processor) for ex in examples]
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
@@ -76,33 +77,28 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class BadRow(ValueError):
-    def __init__(self, name, i, column, why):
+    def __init__(self, name, i, column, why):  # `reason` counts skipped rows: the column and the why, no details
         super().__init__(f"data set {name!r}, row {i}, column {column!r}: {why}")
         self.reason = f"{column}: {why.split(' (')[0]}"
-
-
-bad_row = BadRow
 
 
 def check_images(ex, i, name):
     """Open each image's header now, so an unreadable one is named at load time, not mid-training."""
     for im in ex["images"]:
-        try:
-            im = open_image(im)
-            if isinstance(im, str) and not im.startswith(("http://", "https://", "data:")):
-                im = Image.open(im.removeprefix("file://"))
-            im.size
+        try:  # a path or file:// is opened (its header only); a PIL image is open already; URLs are left to load
+            if isinstance(im := open_image(im), str) and not im.startswith(("http://", "https://", "data:")):
+                Image.open(im.removeprefix("file://")).size
         except Exception as e:  # noqa: BLE001 -- any failure to read it is this row's fault
-            raise bad_row(name, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
+            raise BadRow(name, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def from_cvbench(row, i, name):
     """CV-Bench: `prompt` already lists the lettered choices; `answer` is "(A)"..."""
     if row.get("image") is None:
-        raise bad_row(name, i, "image", "no image")
+        raise BadRow(name, i, "image", "no image")
     letter = str(row.get("answer") or "").strip("() ")
     if len(letter) != 1 or LETTERS.find(letter) >= len(row["choices"]) or LETTERS.find(letter) < 0:
-        raise bad_row(name, i, "answer", f"expected a letter among the choices, got {row.get('answer')!r}")
+        raise BadRow(name, i, "answer", f"expected a letter among the choices, got {row.get('answer')!r}")
     return {"images": [row["image"]], "question": row["prompt"], "choices": list(row["choices"]),
             "answer": row["choices"][LETTERS.index(letter)], "task": row.get("task", ""),
             "source": row.get("source", ""), "solution": row.get("solution"), "key_steps": key_steps(row)}
@@ -112,7 +108,7 @@ def row_images(row, i, name):
     for col in ("images", "image", "image_path"):
         if row.get(col):
             return list(row[col]) if isinstance(row[col], list) else [row[col]]
-    raise bad_row(name, i, "image", "no image (looked in 'images', 'image', 'image_path')")
+    raise BadRow(name, i, "image", "no image (looked in 'images', 'image', 'image_path')")
 
 
 def key_steps(row):
@@ -127,7 +123,7 @@ def from_stepwise(row, i, name):
     solution = row.get("solution") or ""
     answer = (solution.rpartition(FINAL)[2].strip().splitlines() or [""])[0] if FINAL in solution else ""
     if not answer:
-        raise bad_row(name, i, "solution", f"no answer after a '{FINAL}' line")
+        raise BadRow(name, i, "solution", f"no answer after a '{FINAL}' line")
     return {"images": row_images(row, i, name), "question": row["problem"], "answer": answer, "choices": None,
             "task": row.get("task") or "step", "source": name, "solution": solution, "key_steps": key_steps(row)}
 
@@ -141,10 +137,10 @@ def from_chat(row, i, name):
               text(t["content"] if t.get("content") is not None else t.get("value"))) for t in row.get(column) or []]
     roles = [role for role, _ in turns]
     if "user" not in roles or "assistant" not in roles[roles.index("user"):]:
-        raise bad_row(name, i, column, "needs a user turn followed by an assistant turn")
+        raise BadRow(name, i, column, "needs a user turn followed by an assistant turn")
     question, images = turns[roles.index("user")][1], row_images(row, i, name)
     if question.count("<image>") not in (0, len(images)):
-        raise bad_row(name, i, "images", f"{len(images)} images for {question.count('<image>')} <image> slots")
+        raise BadRow(name, i, "images", f"{len(images)} images for {question.count('<image>')} <image> slots")
     return {"images": images, "question": question.replace("<image>", "").strip(), "answer": None, "choices": None,
             "task": "sft", "source": name, "target": turns[roles.index("assistant", roles.index("user"))][1]}
 
@@ -152,9 +148,8 @@ def from_chat(row, i, name):
 def from_sat(row, i, name, rng):
     """SAT: options shuffled with a seeded RNG; the question names them; the gold is the answer text."""
     if not row.get("correct_answer"):
-        raise bad_row(name, i, "correct_answer", "no answer")
-    options = list(row["answers"])
-    rng.shuffle(options)
+        raise BadRow(name, i, "correct_answer", "no answer")
+    options = rng.sample(list(row["answers"]), len(row["answers"]))
     q = f"{row['question']} Choose between the following options: {', '.join(options[:-1])} or {options[-1]}"
     return {"images": list(row["image_bytes"]), "question": q, "answer": row["correct_answer"], "choices": None,
             "task": "SAT", "source": "SAT"}
@@ -167,7 +162,6 @@ def load_examples(spec, split, seed=0, skip_bad=False):
         n = int(spec.split(":")[1]) if ":" in spec else 2000
         return [from_cvbench(r, i, spec) for i, r in enumerate(synthetic_rows(n, seed + (split != "train")))]
     import datasets  # imported here: start-up stays fast for the synthetic path
-
     ext = {"jsonl": "json"}.get(os.path.splitext(spec)[1][1:], os.path.splitext(spec)[1][1:])
     ds = datasets.load_dataset(ext, data_files=spec) if os.path.isfile(spec) else datasets.load_dataset(spec)
     ds = ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only/first one
@@ -176,8 +170,12 @@ def load_examples(spec, split, seed=0, skip_bad=False):
             or cols & {"messages", "conversations"}):
         raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema "
                          "(SAT, CV-Bench, step-wise CoT, math RL, chat SFT)")
-    for i, row in enumerate(ds):
+    for i in range(len(ds)):
         try:
+            try:
+                row = ds[i]  # decodes the row's images: a corrupt one fails here
+            except OSError as e:
+                raise BadRow(spec, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
             if "image_bytes" in cols:  # SAT: single-image rows only (r1zero trains on those)
                 if len(row["image_bytes"] or []) != 1:
                     multi += 1
@@ -189,7 +187,7 @@ def load_examples(spec, split, seed=0, skip_bad=False):
                 ex = from_stepwise(row, i, spec)
             elif {"problem", "answer"} <= cols:  # math RL rows (geometry3k / Vision-R1-rl)
                 if not str(row.get("answer") or "").strip():
-                    raise bad_row(spec, i, "answer", "no answer")
+                    raise BadRow(spec, i, "answer", "no answer")
                 ex = {"images": row_images(row, i, spec), "question": row["problem"], "answer": str(row["answer"]),
                       "choices": None, "task": "math", "source": spec}
             else:
@@ -201,7 +199,8 @@ def load_examples(spec, split, seed=0, skip_bad=False):
                 raise
             skipped[e.reason] += 1
     if skipped:
-        print(f"{spec}: skipped {sum(skipped.values())} bad rows: " + ", ".join(f"{n} x {r}" for r, n in skipped.items()))
+        counts = ", ".join(f"{n} x {reason}" for reason, n in skipped.items())
+        print(f"{spec}: skipped {sum(skipped.values())} bad rows: {counts}")
     if multi:
         print(f"{spec}: kept {len(out)} single-image rows, left out {multi} multi-image rows")
     no_steps = sum(1 for ex in out if "key_steps" in ex and not ex["key_steps"])
@@ -216,7 +215,6 @@ def load_examples(spec, split, seed=0, skip_bad=False):
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 TASKS = ("Count", "Relation", "Depth", "Distance")
-NUMBER_WORDS = "zero one two three four five six".split()
 
 
 def draw(d, shape, color, x, y, r, drawn):
@@ -250,13 +248,13 @@ def synthetic_rows(n, seed):
             q, choices = f"How many {color} shapes are in the image?", [str(k)]
             choices += rng.sample([str(v) for v in range(0, 6) if v != k], 3)
             steps = [f"I look for the {color} shapes.", f"I count {k} {color} shapes."]
-            keys = [[f"{k} {color} shapes", f"{NUMBER_WORDS[k]} {color} shapes"]]
+            keys = [[f"{k} {color} shapes", f"{'zero one two three four'.split()[k]} {color} shapes"]]
         elif task == "Relation":
-            xs = rng.sample(range(12, W - 12, 8), 2)
+            xs = rng.sample(range(12, W - 12, 20), 2)  # 20 px apart at least: never overlapping
             for (c, s), x in zip(kinds[:2], xs):
                 draw(d, s, c, x, rng.randint(12, H - 12), 9, drawn)
             q = f"Is the {name[0]} to the left or to the right of the {name[1]}?"
-            choices = ["left" if xs[0] < xs[1] else "right", "right" if xs[0] < xs[1] else "left"]
+            choices = ["left", "right"] if xs[0] < xs[1] else ["right", "left"]
             steps = [f"The {name[0]} is on the {choices[0]} of the {name[1]}."]
             keys = [[f"{name[0]} is on the {choices[0]}", f"{name[0]} is to the {choices[0]}"]]
         elif task == "Depth":

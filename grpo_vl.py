@@ -42,6 +42,7 @@ import torch.distributed as dist
 import transformers as tf
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import state_dict as dsd
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
@@ -51,94 +52,51 @@ import rewards as R
 # ============================================================================ 0. arguments
 @dataclass
 class Args:
-    variant: str = "r1zero"
-    """recipe (table V): r1zero | grpo | stepgrpo | vision-r1. Its values are the defaults of the flags below"""
-    model: str = "Qwen/Qwen2-VL-2B"
-    """hub id or local folder of a Qwen2-VL / Qwen2.5-VL model, or 'tiny' / 'tiny-2.5' (random weights, offline)"""
-    data: str = "array/SAT"
-    """training data: hub id, local folder or .json/.jsonl/.parquet file, or 'synthetic[:N]'"""
-    eval_data: str = "nyu-visionx/CV-Bench"
-    """evaluation data (protocol E), same forms as --data"""
-    out: str = "runs/grpo"
-    """output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json"""
-    prompt: str = "base"
-    """prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)"""
-    rewards: str = "accuracy,format"
-    """rewards summed per G1: accuracy (R1), format (R2), step_accuracy (R4), step_validity (R5), hard_format (R6)"""
-    length_bonus: float = 0.0
-    """R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)"""
-    alpha: float = 0.1
-    """R4 StepRAR: weight of the share of matched key steps"""
-    num_generations: int = 8
-    """G: completions sampled per prompt"""
-    prompts_per_step: int = 8
-    """prompts per optimizer step, summed over all ranks"""
-    temperature: float = 1.0
-    """T: sampling temperature, also applied to every log-prob (G8)"""
-    max_new_tokens: int = 700
-    """cap on completion length during training"""
-    ptst: str = ""
-    """PTST stages 'tokens:G:steps,...' (Vision-R1); each sets the cap and G for its steps, replacing --max-steps"""
-    lr: float = 1e-6
-    """AdamW learning rate, decayed linearly to 0"""
-    beta: float = 0.04
-    """KL coefficient (G4/G5); 0 loads no reference model"""
-    mu: int = 1
-    """policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached"""
-    eps: float = 0.2
-    """clip range of the ratio (G5)"""
-    loss_agg: str = "seq"
-    """seq: mean over tokens then over completions (G6, the papers) | token: over all tokens (DAPO)"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clip"""
-    epochs: int = 2
-    """passes over the training data (when --max-steps is 0)"""
-    max_steps: int = 0
-    """optimizer steps; 0 = --epochs passes over the data"""
-    sft_data: str = ""
-    """warm-up / cold-start SFT data (step-wise CoT or chat rows); empty = --data"""
-    sft_epochs: int = 0
-    """SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)"""
-    sft_steps: int = 0
-    """SFT optimizer steps (overrides --sft-epochs)"""
-    sft_only: bool = False
-    """run the SFT phase, write OUT/checkpoint and stop"""
-    sft_lr: float = 2e-5
-    """SFT peak learning rate (cosine schedule after a linear warm-up)"""
-    sft_warmup: float = 0.03
-    """share of the SFT steps spent warming the learning rate up"""
-    sft_weight_decay: float = 0.05
-    """AdamW weight decay during SFT"""
-    sft_batch: int = 8
-    """SFT examples per optimizer step, summed over all ranks"""
-    max_pixels: int = 401408
-    """images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)"""
-    micro_batch: int = 8
-    """sequences per forward/backward pass (gradients accumulate within a step)"""
-    gen_batch: int = 0
-    """prompts per generate() call; 0 = all of a rank's. 1 makes rollouts independent of the rank count"""
-    freeze: str = ""
-    """'vision' or 'llm': stop their gradients (the r1zero ablations)"""
-    seed: int = 0
-    """seed of the data order, the tiny model and the rollouts"""
-    save_every: int = 0
-    """checkpoint every N steps (and at the end of each phase); 0 = at the ends only"""
-    eval_every: int = 0
-    """evaluate on --eval-data every N steps and at the end; 0 = never during training"""
-    eval: bool = False
-    """evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit"""
-    eval_max_new_tokens: int = 1024
-    """greedy decoding cap for evaluation (protocol E)"""
-    log_completions_every: int = 10
-    """write sampled completions with their rewards to OUT/trajectories/ every N steps"""
-    resume: bool = False
-    """continue from OUT/checkpoint: weights, optimizer, schedule, phase, step (rollouts are seeded per step)"""
-    keep: int = 2
-    """checkpoints kept in OUT/checkpoints/ (OUT/checkpoint links to the newest)"""
-    skip_bad_rows: bool = False
-    """skip unusable data rows, counted by reason, instead of stopping at the first one"""
-    trust_remote_code: bool = False
-    """let transformers run code shipped in a model folder (off: weights load through safetensors only)"""
+    """Every flag: `--name-with-dashes`. Help is the comment; the variant (table V) sets the defaults."""
+    variant: str = "r1zero"  # recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults below
+    model: str = "Qwen/Qwen2-VL-2B"  # Qwen2-VL / 2.5-VL hub id or folder, or tiny / tiny-2.5 (random, offline)
+    data: str = "array/SAT"  # training data: hub id, local folder or .json/.jsonl/.parquet file, or 'synthetic[:N]'
+    eval_data: str = "nyu-visionx/CV-Bench"  # evaluation data (protocol E), same forms as --data
+    out: str = "runs/grpo"  # output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json
+    prompt: str = "base"  # prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)
+    rewards: str = "accuracy,format"  # G1: accuracy=R1 format=R2 step_accuracy=R4 step_validity=R5 hard_format=R6
+    length_bonus: float = 0.0  # R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)
+    alpha: float = 0.1  # R4 StepRAR: weight of the share of matched key steps
+    num_generations: int = 8  # G: completions sampled per prompt
+    prompts_per_step: int = 8  # prompts per optimizer step, summed over all ranks
+    temperature: float = 1.0  # T: sampling temperature, also applied to every log-prob (G8)
+    max_new_tokens: int = 700  # cap on completion length during training
+    ptst: str = ""  # PTST stages 'tokens:G:steps,...': cap and G per stage; replaces --max-steps
+    lr: float = 1e-6  # AdamW learning rate, decayed linearly to 0
+    beta: float = 0.04  # KL coefficient (G4/G5); 0 loads no reference model
+    mu: int = 1  # policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached
+    eps: float = 0.2  # clip range of the ratio (G5)
+    loss_agg: str = "seq"  # seq: per completion, then mean (G6, papers) | token: mean over all tokens (DAPO)
+    max_grad_norm: float = 1.0  # gradient-norm clip
+    epochs: int = 2  # passes over the training data (when --max-steps is 0)
+    max_steps: int = 0  # optimizer steps; 0 = --epochs passes over the data
+    sft_data: str = ""  # warm-up / cold-start SFT data (step-wise CoT or chat rows); empty = --data
+    sft_epochs: int = 0  # SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)
+    sft_steps: int = 0  # SFT optimizer steps (overrides --sft-epochs)
+    sft_only: bool = False  # run the SFT phase, write OUT/checkpoint and stop
+    sft_lr: float = 2e-5  # SFT peak learning rate (cosine schedule after a linear warm-up)
+    sft_warmup: float = 0.03  # share of the SFT steps spent warming the learning rate up
+    sft_weight_decay: float = 0.05  # AdamW weight decay during SFT
+    sft_batch: int = 8  # SFT examples per optimizer step, summed over all ranks
+    max_pixels: int = 401408  # images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)
+    micro_batch: int = 8  # sequences per forward/backward pass (gradients accumulate within a step)
+    gen_batch: int = 0  # prompts per generate() call (0: all of a rank's); 1: rollouts ignore the rank count
+    freeze: str = ""  # 'vision' or 'llm': stop their gradients (the r1zero ablations)
+    seed: int = 0  # seed of the data order, the tiny model and the rollouts
+    save_every: int = 0  # checkpoint every N steps (and at the end of each phase); 0 = at the ends only
+    eval_every: int = 0  # evaluate on --eval-data every N steps and at the end; 0 = never during training
+    eval: bool = False  # evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit
+    eval_max_new_tokens: int = 1024  # greedy decoding cap for evaluation (protocol E)
+    log_completions_every: int = 10  # write sampled completions with their rewards to OUT/trajectories/ every N steps
+    resume: bool = False  # continue from OUT/checkpoint: weights, optimizer, schedule, phase, step
+    keep: int = 2  # checkpoints kept in OUT/checkpoints/ (OUT/checkpoint links to the newest)
+    skip_bad_rows: bool = False  # skip unusable data rows, counted by reason, instead of stopping at the first one
+    trust_remote_code: bool = False  # let transformers run code shipped with a model (off: safetensors weights only)
 
 
 # Table V. Every value is only a default: a flag given on the command line wins.
@@ -162,8 +120,8 @@ TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=96, promp
 
 
 def parse_args(argv=None):
-    """Flags from the dataclass; help text is the docstring under each field."""
-    docs = dict(re.findall(r'\n    (\w+): .*\n    """(.*?)"""', inspect.getsource(Args)))
+    """Flags from the dataclass; the help of each is the comment on its line."""
+    docs = dict(re.findall(r"\n    (\w+): .*?  # (.*)", inspect.getsource(Args)))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Args):
         kind = dict(action="store_true") if f.type is bool else dict(type=f.type)
@@ -175,42 +133,36 @@ def parse_args(argv=None):
     tiny = given.get("model", "").startswith("tiny")
     defaults = {**VARIANTS[variant], **(TINY if tiny else {})}
     args = Args(**{**defaults, **given})
-    for name in args.rewards.split(","):
-        if name not in R.REWARDS:
-            p.error(f"--rewards: unknown reward {name!r} (known: {', '.join(R.REWARDS)})")
-    for flag, value, allowed in [("--prompt", args.prompt, data.PROMPT_STYLES), ("--loss-agg", args.loss_agg,
-                                 ("seq", "token")), ("--freeze", args.freeze, ("", "vision", "llm"))]:
-        if value not in allowed:
-            p.error(f"{flag} {value!r}: expected one of {', '.join(map(repr, allowed))}")
+    for flag, values, allowed in [("--rewards", args.rewards.split(","), R.REWARDS), ("--prompt", [args.prompt],
+                                  data.PROMPT_STYLES), ("--loss-agg", [args.loss_agg], ("seq", "token")),
+                                  ("--freeze", [args.freeze], ("", "vision", "llm"))]:
+        if bad := [v for v in values if v not in allowed]:
+            p.error(f"{flag} {bad[0]!r}: expected one of {', '.join(map(repr, allowed))}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.prompts_per_step % world or args.sft_batch % world:
-        p.error(f"--prompts-per-step {args.prompts_per_step} and --sft-batch {args.sft_batch} must divide by {world} ranks")
+        p.error(f"--prompts-per-step and --sft-batch must divide by the {world} ranks")
     if not tiny and not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
         p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
     if not args.data:
         p.error(f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)")
-    try:
-        stages = parse_ptst(args.ptst)
-    except ValueError:
-        p.error(f"--ptst {args.ptst!r}: expected stages 'tokens:G:steps' separated by commas, e.g. 4096:16:100,8192:8:100")
-    if min([args.num_generations] + [G for _, G, _ in stages]) < 2:
+    stage = r"[1-9]\d*:[1-9]\d*:[1-9]\d*"
+    if args.ptst and not re.fullmatch(rf"{stage}(,{stage})*", args.ptst):
+        p.error(f"--ptst {args.ptst!r}: expected tokens:G:steps stages, comma-separated (4096:16:100,8192:8:100)")
+    if min([args.num_generations] + [G for _, G, _ in parse_ptst(args.ptst)]) < 2:
         p.error("--num-generations (and every PTST stage's G) must be at least 2: a group of one has no advantage (G2)")
     return args
 
 
 def parse_ptst(spec):
     """'4096:16:100,8192:8:100' -> [(4096, 16, 100), (8192, 8, 100)]: (completion cap, G, steps) per stage."""
-    stages = [tuple(int(x) for x in stage.split(":")) for stage in spec.split(",")] if spec else []
-    if any(len(st) != 3 or min(st) < 1 for st in stages):
-        raise ValueError(spec)
-    return stages
+    return [tuple(map(int, stage.split(":"))) for stage in spec.split(",")] if spec else []
 
 
 # ============================================================================ models
-TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
-                 "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}"
-                 "{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen2-VL's, minus the system turn
+TINY_TEMPLATE = (  # Qwen2-VL's chat template, minus the default system turn
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}{% for c in "
+    "m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif "
+    "%}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"] + VISION_TOKENS  # Qwen2-VL's
 
@@ -219,7 +171,6 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
     """A random-weight Qwen2-VL or Qwen2.5-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on
     the spot on the prompts and the synthetic task: real processor, real model class, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     rows = data.synthetic_rows(200, 12345)
     corpus = [data.P1 + data.P2 + data.P3] + [r["prompt"] for r in rows] + [r["solution"] for r in rows]
     corpus += ["<think> I see the image. Wait, let me check. </think> <answer> (A) </answer> 0123456789"] * 20
@@ -230,14 +181,14 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     ids = tok.convert_tokens_to_ids
     special = dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"], ids("<|endoftext|>"))
-    hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) as 2:3:3, like [16, 24, 24]
+    hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3, as [16, 24, 24]
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, window_size=56,
                   fullatt_block_indexes=[1]) if qwen25 else dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2,
                                                                   mlp_ratio=2)  # patch 14, merge 2 as the real ones
     cfg = (tf.Qwen2_5_VLConfig if qwen25 else tf.Qwen2VLConfig)(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
-                         num_hidden_layers=layers, num_key_value_heads=2, **special, rope_parameters={
-                             "rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}),
+                         num_hidden_layers=layers, num_key_value_heads=2, rope_parameters=rope, **special),
         vision_config=vision, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False, **special)
@@ -257,14 +208,13 @@ def load_model(args):
         model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32,
                                                                trust_remote_code=args.trust_remote_code)
         processor = tf.AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tok = processor.tokenizer
-    ids = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
-    gc_eos = model.generation_config.eos_token_id
-    eos = sorted({i for i in ids + (gc_eos if isinstance(gc_eos, list) else [gc_eos]) if i is not None})
+    tok, gen_eos = processor.tokenizer, model.generation_config.eos_token_id  # an int or a list
+    eos = sorted({i for i in tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]) + (
+        gen_eos if isinstance(gen_eos, list) else [gen_eos]) if i is not None})
     # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
     # penalty 1.05). Replace it: RL must sample from, and score, the plain tempered distribution (G8).
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    banned = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    banned = tok.convert_tokens_to_ids(VISION_TOKENS)
     return model, processor, eos, banned
 
 
@@ -272,8 +222,7 @@ def load_model(args):
 def shard(model, mesh, device):
     """fully_shard each vision block, each decoder layer, the vision tower, then the root. On GPU:
     bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
     # FSDP takes the first module to run forward as its root, and transformers' generate runs the vision
@@ -346,8 +295,7 @@ def my_share(order, step, n, rank, world):
 def rollout(model, processor, exs, args, eos, banned, device, seed):
     """Sample G completions per prompt (G8) with the KV cache. Returns one batch per generate() call,
     each with its completions and their G9 masks."""
-    G, n = args.num_generations, args.gen_batch or len(exs)
-    batches = []
+    G, n, batches = args.num_generations, args.gen_batch or len(exs), []
     with gathered(model):
         for start in range(0, len(exs), n):
             chunk = exs[start:start + n]
@@ -508,8 +456,7 @@ def clip_and_step(params, opt, max_norm):
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     if not math.isfinite(grad_norm):
-        raise SystemExit(f"error: the gradient norm is {grad_norm}; stopping before the weights are hurt "
-                         "(OUT/checkpoint holds the last good ones)")
+        raise SystemExit(f"error: gradient norm {grad_norm}; stopped, OUT/checkpoint keeps the last good weights")
     opt.step()
     return grad_norm
 
@@ -577,11 +524,9 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (world,))
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
-
     model, processor, eos, banned = load_model(args)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
     if args.freeze:  # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
@@ -599,7 +544,6 @@ def main(argv=None):
         log(f"{name}: {json.dumps(report)}")
         if rank == 0:
             json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
-
     if args.eval:
         run_eval("eval")
         return finish(world)
@@ -613,7 +557,6 @@ def main(argv=None):
         open(metrics_path, "w").writelines(lines)
     metrics = open(metrics_path, "a" if progress else "w", buffering=1) if rank == 0 else None  # line-flushed
     record = (lambda stats: metrics.write(json.dumps(stats) + "\n")) if rank == 0 else (lambda stats: None)
-
     log(f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{world} rank(s), {device} -> {args.out}" + (f"; resuming after {at(progress)}" if progress else ""))
     # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
@@ -628,7 +571,6 @@ def main(argv=None):
             ref.load_state_dict(model.state_dict())
         if args.sft_only:
             return finish(world)
-
     exs = load_examples_or_exit(args.data, "train", args)
     P = args.prompts_per_step
     # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
@@ -654,8 +596,7 @@ def main(argv=None):
         args.max_new_tokens, args.num_generations = stages[stage][:2]
         G = args.num_generations
         if step == 1 or step == ends[stage - 1] + 1:
-            log(f"stage {stage + 1}/{len(stages)}: up to {args.max_new_tokens} new tokens, G = {G}, "
-                f"steps {step}-{ends[stage]}")
+            log(f"stage {stage + 1}: up to {args.max_new_tokens} new tokens, G = {G}, steps {step}-{ends[stage]}")
         # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
         with amp:
@@ -665,7 +606,7 @@ def main(argv=None):
         # ---- 2. reward (G1): sum of the variant's rewards; per-sample data stays aligned with its group (I8)
         texts = [completion_text(t, args) for b in batches for t in processor.batch_decode(b["completion"], True)]
         ex_of = [mine[j // G] for j in range(len(texts))]                   # I8: completion j answers prompt j // G
-        n_tok, trunc = torch.cat([b["mask"].sum(1) for b in batches]).tolist(), torch.cat([b["truncated"] for b in batches])
+        n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()        # completion lengths (G9)
         per_fn = {name: torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
                   for name, fn in reward_fns.items()}
         r = sum(per_fn.values())                                                # (P_local*G,) G1
@@ -706,28 +647,26 @@ def main(argv=None):
         sched.step()
         t4 = time.time()
         # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
-        stats = over_ranks({"reward": r.mean().item(), "reward_std": r.view(-1, G).std(1).mean().item(),
-                            "frac_zero_std": frac_zero_std, **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
-                            "completion_len": sum(n_tok) / len(n_tok), "truncated_frac": trunc.float().mean().item(),
-                            "kl": kl, "clip_frac": clip, "loss": loss_sum,
+        stats = over_ranks({**{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()}, "reward": r.mean().item(),
+                            "reward_std": r.view(-1, G).std(1).mean().item(), "frac_zero_std": frac_zero_std,
+                            "completion_len": sum(n_tok) / len(n_tok), "kl": kl, "clip_frac": clip, "loss": loss_sum,
+                            "truncated_frac": torch.cat([b["truncated"] for b in batches]).float().mean().item(),
                             "reflection_rate": sum(map(R.reflects, texts)) / len(texts)}, device)
         stats.update(step=step, phase="rl", stage=stage + 1, max_new_tokens=args.max_new_tokens, num_generations=G,
-                     grad_norm=grad_norm, lr=lr, step_time=time.time() - t0,
-                     completion_len_max=over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"],
-                     **{"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/ref_old": t3 - t2,
-                        "time/update": t4 - t3})
+                     grad_norm=grad_norm, lr=lr, step_time=time.time() - t0, **{"time/rollout": t1 - t0, "time/reward":
+                     t2 - t1, "time/ref_old": t3 - t2, "time/update": t4 - t3}, completion_len_max=over_ranks(
+                     {"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"])
         record(stats)
         terms = " ".join(f"{k} {stats['rewards/' + k]:.3f}" for k in per_fn)
         log(f"step {step}/{steps} | reward {stats['reward']:.3f} (std {stats['reward_std']:.2f}, zero-std "
             f"{stats['frac_zero_std']:.2f}) | {terms} | len {stats['completion_len']:.0f} (cut "
             f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s")
         if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
-            os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)
-            with open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
-                for i, (t, ex) in enumerate(zip(texts, ex_of)):
-                    f.write(json.dumps({"question": ex["question"], "answer": ex["answer"], "completion": t,
-                                        "rewards": {k: v[i].item() for k, v in per_fn.items()},
-                                        "advantage": A[i].item(), "tokens": n_tok[i]}) + "\n")
+            os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)  # where an "aha moment" is read
+            open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w").writelines(json.dumps(
+                {"question": ex["question"], "answer": ex["answer"], "completion": t, "tokens": n_tok[i],
+                 "rewards": {k: v[i].item() for k, v in per_fn.items()}, "advantage": A[i].item()}) + "\n"
+                for i, (t, ex) in enumerate(zip(texts, ex_of)))
         # ---- 7. evaluate and checkpoint
         if args.eval_every and (step % args.eval_every == 0 or step == steps):
             run_eval(f"eval_step{step}")
@@ -755,7 +694,7 @@ def load_examples_or_exit(spec, which, args):
 
 def finish(world):
     if world > 1:
-        dist.barrier()  # a teardown race was seen without it
+        barrier()  # a teardown race was seen without it
         dist.destroy_process_group()
 
 

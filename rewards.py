@@ -34,16 +34,13 @@ def normalize(s):
         s = s.strip("$ ").replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
         m = re.fullmatch(r"\\(?:boxed|text|mathrm|textbf)\{(.*)\}", s, re.S)
         s = m.group(1).strip() if m else s
-    s = re.sub(r"\s+", " ", s).strip(" .,;:!?\"'`")
-    return s[:-1].strip() if s.endswith(".") else s
+    return re.sub(r"\s+", " ", s).strip(" .,;:!?\"'`")
 
 
 def parse_number(s):
-    """A float from a number, a number word or simple math (\\frac, a/b, \\sqrt, products, + -), or None.
-
-    A recursive-descent parser over a whitelist of tokens: digits, . + - * / ( ) { } \\frac \\sqrt; a unit
-    or degree sign at the end is dropped. Anything else (letters, ^, calls, code) is not a number.
-    Length-capped, so depth-capped."""
+    """A float from a number, a number word or simple math (\\frac, a/b, \\sqrt, products, + -), or None:
+    recursive descent over a whitelist of tokens (digits . + - * / ( ) { } \\frac \\sqrt), a trailing unit or
+    degree sign dropped. Anything else (letters, ^, calls, code) is not a number. Length-, so depth-capped."""
     s = s.strip()
     if s in NUMBER_WORDS:
         return float(NUMBER_WORDS[s])
@@ -109,15 +106,12 @@ LETTER_AND_TEXT = re.compile(r"\(?([a-z])[.:)]\s*(.{1,200})")  # "(a) left", "a.
 
 def is_correct(pred, ex):
     """R1 equality. With lettered choices (CV-Bench style) the letter or the option's text counts."""
-    if pred is None:
+    choices = ex.get("choices") or []
+    if pred is None or answers_equal(pred, ex["answer"]):
+        return pred is not None
+    if ex["answer"] not in choices:
         return False
-    if answers_equal(pred, ex["answer"]):
-        return True
-    choices = ex.get("choices")
-    if not choices or ex["answer"] not in choices:
-        return False
-    gold_letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(ex["answer"])]
-    p = normalize(pred)
+    gold_letter, p = "abcdefghijklmnopqrstuvwxyz"[choices.index(ex["answer"])], normalize(pred)
     if m := LETTER.fullmatch(p):
         return m.group(1) == gold_letter
     m = LETTER_AND_TEXT.fullmatch(p)
@@ -131,11 +125,9 @@ def accuracy(text, ex, n_tokens=0):
 
 
 def think_answer_format(text, ex=None, n_tokens=0):
-    """R2: 1 if text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) + trailing space.
-
-    Same language as re.fullmatch of that pattern (whose lazy .*? backtracks quadratically on hostile text),
-    decided in linear time: the text starts with <think>, ends with </answer>, and somewhere between them
-    stands '</think>', optional space, '<answer>' (each run of space is scanned once)."""
+    """R2: 1 if text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) + trailing space. The same
+    language as re.fullmatch of it (quadratic on hostile text), in linear time: the text starts with <think>,
+    ends with </answer>, and between them stands '</think>', optional space, '<answer>'."""
     t = text.rstrip()
     if not (t.startswith("<think>") and t.endswith("</answer>")):
         return 0.0
@@ -155,20 +147,15 @@ SECTION = re.compile(r"### (Image Description|Rationales|Let's think step by ste
 
 def step_answer(text):
     """The answer of a P3 completion: the first line after the last '### The final answer is:'."""
-    head, found, tail = text.rpartition(FINAL)
-    lines = tail.strip().splitlines()
-    return lines[0] if found and lines and lines[0].strip() else None
-
-
-def squash(s):
-    return re.sub(r"\s+", "", s.lower())
+    lines = text.rpartition(FINAL)[2].strip().splitlines() if FINAL in text else []
+    return lines[0] if lines else None
 
 
 def step_accuracy(text, ex, n_tokens=0, alpha=0.1):
     """R4 StepRAR: k = |key steps matched| / |key steps|; a key step matches if any of its equivalent forms
     occurs in the reasoning (case-insensitive, whitespace-normalised). r = 1 + alpha*k if the final answer
     is right, alpha*k if an answer is given but wrong, 0 if there is no answer (the paper's three cases)."""
-    pred = step_answer(text)
+    pred, squash = step_answer(text), lambda s: re.sub(r"\s+", "", s.lower())
     if pred is None:
         return 0.0
     steps = ex.get("key_steps") or []

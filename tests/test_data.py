@@ -104,3 +104,14 @@ def test_prompts_p1_and_p2(tiny, examples):
     assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" in p2
     assert (ex["question"] + "  Output the thinking process in <think> </think> and final answer (option) in "
             "<answer> </answer> tags.") in p2 and p2.endswith("<|im_start|>assistant\n")
+
+
+def test_corrupt_embedded_image_names_its_row(tmp_path):
+    import datasets
+    path = str(tmp_path / "cv.parquet")
+    datasets.Dataset.from_dict({"image": [{"bytes": png(), "path": None}, {"bytes": b"garbage", "path": None}],
+                                "prompt": ["q", "q"], "choices": [["a", "b"]] * 2, "answer": ["(A)", "(B)"]}
+                               ).cast_column("image", datasets.Image()).to_parquet(path)
+    with pytest.raises(ValueError, match="row 1, column 'image': unreadable image"):
+        load_examples(path, "test")
+    assert len(load_examples(path, "test", skip_bad=True)) == 1
