@@ -160,7 +160,8 @@ def load_examples(spec, split, seed=0, skip_bad=False):
     stops the load with its data set, row and column named, or with skip_bad is skipped and counted."""
     if spec.startswith("synthetic"):
         n = int(spec.split(":")[1]) if ":" in spec else 2000
-        return [from_cvbench(r, i, spec) for i, r in enumerate(synthetic_rows(n, seed + (split != "train")))]
+        rows = synthetic_rows(n, seed + (split != "train"))  # another seed for the held-out split
+        return [{**from_cvbench(r, i, spec), "row": i} for i, r in enumerate(rows)]
     import datasets  # imported here: start-up stays fast for the synthetic path
     ext = {"jsonl": "json"}.get(os.path.splitext(spec)[1][1:], os.path.splitext(spec)[1][1:])
     ds = datasets.load_dataset(ext, data_files=spec) if os.path.isfile(spec) else datasets.load_dataset(spec)
@@ -193,7 +194,7 @@ def load_examples(spec, split, seed=0, skip_bad=False):
             else:
                 ex = from_chat(row, i, spec)
             check_images(ex, i, spec)
-            out.append(ex)
+            out.append({**ex, "row": i})
         except BadRow as e:
             if not skip_bad:
                 raise

@@ -83,6 +83,7 @@ class Args:
     sft_warmup: float = 0.03  # share of the SFT steps spent warming the learning rate up
     sft_weight_decay: float = 0.05  # AdamW weight decay during SFT
     sft_batch: int = 8  # SFT examples per optimizer step, summed over all ranks
+    max_prompt_tokens: int = 0  # longer prompts are bad rows, never cut (image tokens, I4); 0 = no cap
     max_pixels: int = 401408  # images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)
     micro_batch: int = 8  # sequences per forward/backward pass (gradients accumulate within a step)
     gen_batch: int = 0  # prompts per generate() call (0: all of a rank's); 1: rollouts ignore the rank count
@@ -509,9 +510,11 @@ def resume(model, opt, sched, ref, args):
     sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])
 
 
-def barrier():
+def barrier(finish=False):
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # also before destroying the group: a teardown race was seen without it
+        if finish:
+            dist.destroy_process_group()
 
 
 # ============================================================================ the training loop
@@ -546,7 +549,7 @@ def main(argv=None):
             json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
     if args.eval:
         run_eval("eval")
-        return finish(world)
+        return barrier(finish=True)
 
     # --resume picks up where OUT/checkpoint left off: {"phase", "step", "sched", "args"}
     saved = os.path.join(args.out, "checkpoint", "progress.json")
@@ -562,7 +565,7 @@ def main(argv=None):
     # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
     in_rl = progress and progress["phase"] == "rl"
     if (args.sft_epochs or args.sft_steps or args.sft_only) and not in_rl:
-        sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args)
+        sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args, processor)
         if missing := [i for i, ex in enumerate(sft_exs) if not (ex.get("solution") or ex.get("target"))]:
             raise SystemExit(f"error: SFT data set {args.sft_data or args.data!r}, row {missing[0]}: no 'solution' "
                              f"or assistant turn to learn from ({len(missing)} such rows)")
@@ -570,8 +573,8 @@ def main(argv=None):
         if ref is not None:
             ref.load_state_dict(model.state_dict())
         if args.sft_only:
-            return finish(world)
-    exs = load_examples_or_exit(args.data, "train", args)
+            return barrier(finish=True)
+    exs = load_examples_or_exit(args.data, "train", args, processor)
     P = args.prompts_per_step
     # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
     stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations,
@@ -672,7 +675,7 @@ def main(argv=None):
             run_eval(f"eval_step{step}")
         if step == steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(model, opt, sched, ref, processor, args, "rl", step, rank)
-    finish(world)
+    barrier(finish=True)
 
 
 def over_ranks(stats, device, op=dist.ReduceOp.SUM):
@@ -684,18 +687,21 @@ def over_ranks(stats, device, op=dist.ReduceOp.SUM):
     return stats
 
 
-def load_examples_or_exit(spec, which, args):
+def load_examples_or_exit(spec, which, args, processor=None):
+    """data.load_examples; a bad row ends the run (exit 2). A prompt is never cut, since it holds image tokens
+    (I4): one over --max-prompt-tokens, measured through the processor, is a bad row too."""
     try:
-        return data.load_examples(spec, which, args.seed, args.skip_bad_rows)
+        exs, cap = data.load_examples(spec, which, args.seed, args.skip_bad_rows), args.max_prompt_tokens
+        n = [encode(processor, [ex], args)["input_ids"].shape[1] if cap and processor else 0 for ex in exs]
+        if long := [i for i, k in enumerate(n) if cap and k > cap]:
+            if not args.skip_bad_rows:
+                raise data.BadRow(spec, exs[long[0]]["row"], "question", f"{n[long[0]]} tokens > --max-prompt-tokens")
+            print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
+        return [ex for ex, k in zip(exs, n) if not (cap and k > cap)]
     except ValueError as e:
         print(f"grpo_vl.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
-
-def finish(world):
-    if world > 1:
-        barrier()  # a teardown race was seen without it
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,7 @@
-"""Rewards (RECIPES §R). Every reward is a plain function
-
-    reward(text, ex, n_tokens) -> float
-
-of the completion `text` (with the `<think>` that a P1 prompt opened put back in front), the data row
-`ex` (its gold `answer`, lettered `choices` if any) and the completion's token count. G1 sums them.
-
-Model output is hostile input. Nothing here raises on any string, nothing evaluates model text as code
-(no eval/exec/sympify: numbers go through the small parser below), and every scan is linear: tags are
-found with str.find/rfind, never with a backtracking regex over the whole completion.
+"""Rewards (RECIPES §R): plain functions reward(text, ex, n_tokens) -> float of the completion (with the <think>
+a P1 prompt opened put back), the data row `ex` (gold `answer`, lettered `choices` if any) and the completion's
+token count; G1 sums them. Model output is hostile input: nothing here raises on any string or runs it as code
+(no eval, no sympy: numbers go through the small parser below), and every scan of it is linear in its length.
 """
 import math
 import re

@@ -210,3 +210,19 @@ def test_loading_is_safe_by_default():
         src = open(os.path.join(ROOT, name)).read()
         assert not re.search(r"torch\.load\((?![^)]*weights_only=True)", src)  # pickles only with weights_only
         assert not re.search(r"(?<![\w.])(eval|exec|sympify|parse_expr)\(", src)  # model text is never run
+
+
+def test_prompts_over_the_cap_are_bad_rows_never_cut(tiny, tmp_path, capsys):
+    _, processor, _, _ = tiny
+    args = g.parse_args(["--model", "tiny"])
+    lengths = [g.encode(processor, [ex], args)["input_ids"].shape[1] for ex in data.load_examples("synthetic:12", "train")]
+    cap = sorted(lengths)[6]
+    over = [i for i, n in enumerate(lengths) if n > cap]
+    assert 0 < len(over) < 12
+    flags = ["--model", "tiny", "--data", "synthetic:12", "--max-prompt-tokens", str(cap), "--max-steps", "1",
+             "--max-new-tokens", "8", "--out", str(tmp_path / "p"), "--log-completions-every", "0"]
+    with pytest.raises(SystemExit) as e:
+        g.main(flags)
+    assert e.value.code == 2 and f"row {over[0]}, column 'question': {lengths[over[0]]} tokens" in capsys.readouterr().err
+    g.main(flags + ["--skip-bad-rows"])
+    assert f"skipped {len(over)} rows whose prompts are over --max-prompt-tokens" in capsys.readouterr().out
