@@ -13,5 +13,6 @@ case "$cmd" in
   test) exec .venv/bin/python -m pytest -q tests "$@" ;;
   demo) exec .venv/bin/python grpo_vl.py --variant r1zero --model tiny --data synthetic --max-steps 20 \
              --out runs/demo "$@" ;;
-  *) echo "usage: ./run.sh test|demo [flags]" >&2; exit 2 ;;
+  bench) exec .venv/bin/python tests/bench.py ;;
+  *) echo "usage: ./run.sh test|demo|bench [flags]" >&2; exit 2 ;;
 esac
