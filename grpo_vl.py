@@ -310,7 +310,7 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
 
 
 def sampling(args, banned):
-    """Plain sampling at T (G8): transformers' default top_k=50 and hub configs' settings would change it."""
+    """Plain sampling at T (G8, I1): transformers' default top_k=50 and hub configs' settings would change it."""
     return dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 max_new_tokens=args.max_new_tokens, suppress_tokens=banned)
 
@@ -464,8 +464,8 @@ def clip_and_step(params, opt, max_norm):
 
 # ============================================================================ checkpoints
 def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
-    """OUT/checkpoints/<phase>-<step>/: the model for any transformers user (gathered on rank 0, written with
-    save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
+    """OUT/checkpoints/<phase>-<step>/ (I10): the model for any transformers user (gathered on rank 0, written
+    with save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
     (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
     mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
     root, name = os.path.join(args.out, "checkpoints"), f"{phase}-{step:06d}"

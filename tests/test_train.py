@@ -133,3 +133,15 @@ def test_readme_flags_table_matches_the_dataclass():
     for f in fields(g.Args):
         row = f"| `--{f.name.replace('_', '-')}` | `{f.default}` | {docs[f.name].replace('|', '&#124;')} |"
         assert row in readme, f"README flags table is out of date for --{f.name}; expected:\n{row}"
+
+
+def test_readme_links_point_at_the_lines_that_implement_them():
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import readme_links
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    links = readme_links.LINK.findall(readme)
+    assert {label for label, _, _ in links} == set(readme_links.ANCHORS)  # every equation, detail, reward, prompt
+    for label, name, n in links:
+        line = open(os.path.join(ROOT, name)).read().splitlines()[int(n) - 1]
+        assert label in line, f"README's {label} link ({name}#L{n}) is stale: run tests/readme_links.py"
+    assert readme_links.relink(readme) == readme
