@@ -156,11 +156,13 @@ def from_sat(row, i, name, rng):
 
 
 def load_examples(spec, split, seed=0, skip_bad=False):
-    """`synthetic[:N]`, a hub id, a local data set folder, or a .json/.jsonl/.parquet/.csv file. A bad row
-    stops the load with its data set, row and column named, or with skip_bad is skipped and counted."""
+    """`synthetic[:N[:Task,...]]`, a hub id, a local data set folder, or a .json/.jsonl/.parquet/.csv file. A bad
+    row stops the load with its data set, row and column named, or with skip_bad is skipped and counted."""
     if spec.startswith("synthetic"):
-        n = int(spec.split(":")[1]) if ":" in spec else 2000
-        rows = synthetic_rows(n, seed + (split != "train"))  # another seed for the held-out split
+        n, tasks = (spec + "::").split(":")[1:3]
+        if bad := [t for t in (tasks or "").split(",") if tasks and t not in TASKS + ("Color",)]:
+            raise ValueError(f"data set {spec!r}: no synthetic task {bad[0]!r} (Count Relation Depth Distance Color)")
+        rows = synthetic_rows(int(n or 2000), seed + (split != "train"), tasks.split(",") if tasks else TASKS)
         return [{**from_cvbench(r, i, spec), "row": i} for i, r in enumerate(rows)]
     import datasets  # imported here: start-up stays fast for the synthetic path
     ext = {"jsonl": "json"}.get(os.path.splitext(spec)[1][1:], os.path.splitext(spec)[1][1:])
@@ -229,12 +231,12 @@ def draw(d, shape, color, x, y, r, drawn):
         d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=color)
 
 
-def synthetic_rows(n, seed):
-    """n rows of coloured shapes in CV-Bench's schema, one task per row in turn: Count, Relation
-    (left/right), Depth (the bigger object is closer) and Distance. Deterministic for a seed."""
+def synthetic_rows(n, seed, tasks=TASKS):
+    """n rows of coloured shapes in CV-Bench's schema, `tasks` in turn: Count, Relation (left/right), Depth (the
+    bigger is closer), Distance; Color, the demo's easy one, lists its choices in one order. Seeded."""
     rng, rows = random.Random(seed), []
     for i in range(n):
-        task = TASKS[i % 4]
+        task = tasks[i % len(tasks)]
         W, H = rng.choice([(112, 112), (112, 84), (84, 112)])
         img = Image.new("RGB", (W, H), (245, 245, 245))
         d, drawn = ImageDraw.Draw(img), []
@@ -267,6 +269,10 @@ def synthetic_rows(n, seed):
             steps = [f"The {choices[0]} is bigger than the {choices[1]}.", f"Bigger means closer, so the "
                      f"{choices[0]} is closer."]
             keys = [[f"{choices[0]} is bigger", f"{choices[0]} is larger"], [f"{choices[0]} is closer"]]
+        elif task == "Color":  # one big shape, whose colour alone answers
+            c, r = rng.choice(list(COLORS)), rng.randint(30, 42)
+            draw(d, rng.choice(SHAPES), c, rng.randint(r, W - r), rng.randint(r, H - r), r, drawn)
+            q, choices, steps, keys = "What colour is the shape?", list(COLORS), [f"The shape is {c}."], [[f"is {c}"]]
         else:  # Distance: which of two objects is nearer (in the picture) to a third
             pts = [(rng.randint(10, W - 10), rng.randint(10, H - 10)) for _ in range(3)]
             dist = [abs(complex(*pts[j]) - complex(*pts[0])) for j in (1, 2)]
@@ -279,8 +285,9 @@ def synthetic_rows(n, seed):
             choices = [name[1], name[2]] if dist[0] < dist[1] else [name[2], name[1]]
             steps = [f"The {choices[0]} is nearer to the {name[0]} than the {choices[1]}."]
             keys = [[f"{choices[0]} is nearer", f"{choices[0]} is closer"]]
-        gold = choices[0]
-        rng.shuffle(choices)
+        gold = c if task == "Color" else choices[0]
+        if task != "Color":
+            rng.shuffle(choices)
         prompt = q + " Select from the following choices.\n" + "\n".join(
             f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
         answer = f"({LETTERS[choices.index(gold)]})"
@@ -289,7 +296,7 @@ def synthetic_rows(n, seed):
                     f"{task.lower()}; I compare the shapes in the image.\n### Let's think step by step.\n"
                     + "".join(f"### Step {j + 1}:\n{st}\n" for j, st in enumerate(steps)) + f"{FINAL} {answer}")
         rows.append({"image": img, "prompt": prompt, "question": q, "choices": choices, "task": task,
-                     "answer": answer, "type": "2D" if i % 4 < 2 else "3D",
-                     "source": ("ADE20K", "COCO")[i // 4 % 2] if i % 4 < 2 else "Omni3D",
+                     "answer": answer, "type": "3D" if task in ("Depth", "Distance") else "2D",
+                     "source": "Omni3D" if task in ("Depth", "Distance") else ("ADE20K", "COCO")[i // len(tasks) % 2],
                      "solution": solution, "key_steps": {"Steps": keys}})
     return rows

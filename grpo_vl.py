@@ -17,8 +17,7 @@ Deliberate simplifications:
  2. Every rank loads the full model on CPU before sharding: host RAM = ranks x model size.
  3. With mu > 1 every policy epoch uses the whole rollout batch (no minibatch shuffling, as the papers).
  4. Gradients are reduce-scattered after every micro-batch (correct, a little more communication).
- 5. Logged means over ranks are means of per-rank means (ranks hold equal numbers of completions).
- 6. Trajectories are written from rank 0's completions only.
+ 5. Logged means over ranks are means of per-rank means (equal counts per rank); trajectories are rank 0's.
 """
 import argparse
 import bisect
@@ -55,7 +54,7 @@ class Args:
     """Every flag: `--name-with-dashes`. Help is the comment; the variant (table V) sets the defaults."""
     variant: str = "r1zero"  # recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults below
     model: str = "Qwen/Qwen2-VL-2B"  # Qwen2-VL / 2.5-VL hub id or folder, or tiny / tiny-2.5 (random, offline)
-    data: str = "array/SAT"  # training data: hub id, local folder or .json/.jsonl/.parquet file, or 'synthetic[:N]'
+    data: str = "array/SAT"  # training data: hub id, folder, .json/.jsonl/.parquet, or 'synthetic[:N[:Task,...]]'
     eval_data: str = "nyu-visionx/CV-Bench"  # evaluation data (protocol E), same forms as --data
     out: str = "runs/grpo"  # output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json
     prompt: str = "base"  # prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)
@@ -114,8 +113,7 @@ VARIANTS = {
                       ptst="4096:16:100,8192:8:100", data="", sft_epochs=2, sft_lr=5e-6, sft_warmup=0.05,
                       sft_weight_decay=0.0, sft_batch=32),
 }
-# --model tiny is a laptop run: short completions, few prompts, offline data, and an SFT step size a
-# 0.2M-parameter random model notices (flags still win).
+# --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M random model notices
 TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=96, prompts_per_step=4,
             eval_max_new_tokens=96, sft_lr=1e-2, sft_batch=8)
 
@@ -226,10 +224,9 @@ def shard(model, mesh, device):
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
-    # FSDP takes the first module to run forward as its root, and transformers' generate runs the vision
-    # tower on its own before the model's forward. One text-only forward through the root settles it.
-    # Reshard after it: the root keeps its parameters gathered after a forward, and an optimizer built
-    # now would hold the gathered copies instead of the shards.
+    # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
+    # alone first. A text-only forward through the root settles it. Reshard after it: the root stays
+    # gathered after a forward, and an optimizer built now would hold those copies, not the shards.
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     model.reshard()
@@ -270,9 +267,8 @@ def take(batch, idx):
 
 
 def encode(processor, exs, args):
-    b = dict(data.encode(processor, exs, args.prompt, args.max_pixels))
-    b["n_images"] = torch.tensor([len(ex["images"]) for ex in exs])
-    return b
+    return {**data.encode(processor, exs, args.prompt, args.max_pixels),
+            "n_images": torch.tensor([len(ex["images"]) for ex in exs])}
 
 
 def split(b, size):
@@ -377,15 +373,16 @@ def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
             b = encode(processor, mine[s:s + 16], args)
             seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, do_sample=False,
                                   max_new_tokens=args.eval_max_new_tokens, suppress_tokens=banned)
-            for ex, text in zip(mine[s:s + 16], processor.batch_decode(seqs[:, b["input_ids"].shape[1]:], True)):
-                results.append((ex["task"], ex["source"], *judge(completion_text(text, args), ex, args.prompt)))
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, results)
+            o = seqs[:, b["input_ids"].shape[1]:].cpu()  # the completions o_i; n: a length as G9 counts it
+            for ex, text, n in zip(mine[s:s + 16], processor.batch_decode(o, True), completion_mask(o, eos)[0].sum(1)):
+                results.append((ex["task"], ex["source"], *judge(completion_text(text, args), ex, args.prompt), n))
+    if world > 1:  # every rank's results
+        dist.all_gather_object(everyone := [None] * world, results)
         results = [r for rs in everyone for r in rs]
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     acc = lambda key: mean([r[2] for r in results if key in r[:2]])
     report = {"n": len(results), "accuracy": mean([r[2] for r in results]), "format": mean([r[3] for r in results]),
+              "completion_len": mean([float(r[4]) for r in results]),
               "per_task": {t: acc(t) for t in sorted({r[0] for r in results})}}
     if {"ADE20K", "COCO", "Omni3D"} <= {r[1] for r in results}:
         report["cvbench_combined"] = ((acc("ADE20K") + acc("COCO")) / 2 + acc("Omni3D")) / 2
@@ -593,6 +590,8 @@ def main(argv=None):
     log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(reward_fns)}")
     if in_rl:
         resume(model, opt, sched, ref, args)
+    elif args.eval_every:  # the starting point of RL, which the later evaluations are measured against
+        run_eval("eval_step0")
     for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
         t0 = time.time()
         stage = bisect.bisect_left(ends, step)  # the same prompts per step in every stage; G and the cap change
@@ -701,7 +700,6 @@ def load_examples_or_exit(spec, which, args, processor=None):
     except ValueError as e:
         print(f"grpo_vl.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-
 
 
 if __name__ == "__main__":

@@ -123,9 +123,8 @@ def think_answer_format(text, ex=None, n_tokens=0):
     language as re.fullmatch of it (quadratic on hostile text), in linear time: the text starts with <think>,
     ends with </answer>, and between them stands '</think>', optional space, '<answer>'."""
     t = text.rstrip()
-    if not (t.startswith("<think>") and t.endswith("</answer>")):
-        return 0.0
-    return float(re.search(r"</think>\s*<answer>", t[len("<think>"):len(t) - len("</answer>")]) is not None)
+    return float(t.startswith("<think>") and t.endswith("</answer>")
+                 and re.search(r"</think>\s*<answer>", t[len("<think>"):len(t) - len("</answer>")]) is not None)
 
 
 def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
@@ -163,8 +162,7 @@ def step_validity(text, ex=None, n_tokens=0):
     (in that order, steps numbered 1..n consecutively, the final answer after the last step), else 0.
     '### Let's think step by step.' may stand between the rationale and step 1."""
     kinds = [f"S{m.group(2)}" if m.group(2) else m.group(1)[0] for m in SECTION.finditer(text)]  # I R L S1.. T
-    if kinds[2:3] == ["L"]:
-        kinds = kinds[:2] + kinds[3:]
+    kinds = kinds[:2] + kinds[3:] if kinds[2:3] == ["L"] else kinds
     n = len(kinds) - 3  # the steps
     return float(n >= 1 and kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])
 

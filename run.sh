@@ -11,8 +11,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cmd="${1:-}"; shift || true
 case "$cmd" in
   test) exec .venv/bin/python -m pytest -q tests "$@" ;;
-  demo) exec .venv/bin/python grpo_vl.py --variant r1zero --model tiny --data synthetic --max-steps 20 \
-             --out runs/demo "$@" ;;
+  demo) exec .venv/bin/python tests/demo.py "$@" ;;
   bench) exec .venv/bin/python tests/bench.py ;;
   *) echo "usage: ./run.sh test|demo|bench [flags]" >&2; exit 2 ;;
 esac

@@ -55,6 +55,28 @@ def test_synthetic_relation_answers_are_right():
     assert checked > 20
 
 
+def test_synthetic_color_answers_are_the_shapes_colour_with_choices_in_one_order():
+    """The demo's task: the gold colour is the one that covers the most pixels; the letters never move."""
+    rows = synthetic_rows(40, 7, ["Color"])
+    for r in rows:
+        assert r["choices"] == ["red", "green", "blue", "yellow"] and r["source"] in ("ADE20K", "COCO")
+        counts = {rgb: n for n, rgb in r["image"].getcolors(1 << 16)}
+        pixels = {c: counts.get(rgb, 0) for c, rgb in data.COLORS.items()}
+        gold = r["choices"]["ABCD".index(r["answer"][1])]
+        assert max(pixels, key=pixels.get) == gold and pixels[gold] > 0.1 * r["image"].width * r["image"].height
+        assert sum(v > 0 for v in pixels.values()) == 1  # one shape, no distractor
+    assert len({r["answer"] for r in rows}) == 4  # every colour occurs
+
+
+def test_synthetic_spec_picks_size_and_tasks():
+    assert [e["task"] for e in load_examples("synthetic:5:Color,Depth", "train")] == ["Color", "Depth"] * 2 + ["Color"]
+    assert len(load_examples("synthetic::Color", "train")) == 2000
+    default = load_examples("synthetic:4", "train")
+    assert [e["question"] for e in default] == [r["prompt"] for r in synthetic_rows(4, 0)]
+    with pytest.raises(ValueError, match="'synthetic:8:Colour': no synthetic task 'Colour'"):
+        load_examples("synthetic:8:Colour", "train")
+
+
 def test_cvbench_adapter_on_a_local_parquet(tmp_path):
     path = write_parquet(tmp_path, {
         "image": [{"bytes": png(), "path": None}] * 2, "prompt": ["How many? (A) 1 (B) 2", "Where? (A) left (B) right"],

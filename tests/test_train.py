@@ -48,8 +48,9 @@ def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(
     assert rows[0]["lr"] == 1e-6 and rows[1]["lr"] == pytest.approx(0.5e-6)  # linear decay
     traj = [json.loads(x) for x in open(os.path.join(out, "trajectories", "step_000001.jsonl"))]
     assert len(traj) == 4 * 8 and traj[0]["completion"].startswith("<think>")
-    report = json.load(open(os.path.join(out, "eval_step2.json")))
-    assert report["n"] == 8 and set(report["per_task"]) == {"Count", "Relation", "Depth", "Distance"}
+    report, start = (json.load(open(os.path.join(out, f"eval_step{s}.json"))) for s in (2, 0))  # 0: start of RL
+    assert report["n"] == start["n"] == 8 and set(report["per_task"]) == {"Count", "Relation", "Depth", "Distance"}
+    assert 1 <= start["completion_len"] <= 96 and 1 <= report["completion_len"] <= 96
     assert "cvbench_combined" in report
     weights = load_weights(os.path.join(out, "checkpoint"))
     start = g.build_tiny(0)[0].state_dict()
@@ -145,3 +146,29 @@ def test_readme_links_point_at_the_lines_that_implement_them():
         line = open(os.path.join(ROOT, name)).read().splitlines()[int(n) - 1]
         assert label in line, f"README's {label} link ({name}#L{n}) is stale: run tests/readme_links.py"
     assert readme_links.relink(readme) == readme
+
+
+def test_evaluation_counts_completion_length_as_g9_does(tiny, examples):
+    """Greedy completions stubbed: one stops at its EOS (3 tokens + EOS = 4), one runs to the cap (6)."""
+    model, processor, eos, banned = tiny
+    args = g.parse_args(["--model", "tiny", "--eval-max-new-tokens", "6"])
+    a, pad = processor.tokenizer("a", add_special_tokens=False)["input_ids"][0], eos[0]
+
+    class Stub:
+        def generate(self, input_ids, **kw):
+            tails = torch.tensor([[a, a, a, pad, pad, pad], [a] * 6])
+            return torch.cat([input_ids, tails[:len(input_ids)]], 1)
+    report = g.evaluate(Stub(), processor, examples[:2], args, eos, banned, "cpu", 0, 1)
+    assert report["n"] == 2 and report["completion_len"] == (4 + 6) / 2 and report["format"] == 0.0
+
+
+def test_demo_prints_the_before_after_table_from_its_evaluations(tmp_path):
+    """./run.sh demo's script, cut to 2 SFT and 2 GRPO steps: the table shows the two evaluations' numbers."""
+    out = str(tmp_path / "demo")
+    stdout = run([sys.executable, "tests/demo.py", "--sft-steps", "2", "--max-steps", "2", "--prompts-per-step", "2",
+                  "--eval-data", "synthetic:8:Color", "--out", out])
+    before, after = (json.load(open(os.path.join(out, f"eval_step{s}.json"))) for s in (0, 2))
+    assert "step 2/2" in stdout and "held-out synthetic:8:Color (n = 8)" in stdout
+    assert (f"| start of GRPO (after the SFT warm-up) | {before['accuracy']:.3f} | {before['format']:.3f} | "
+            f"{before['completion_len']:.1f} |") in stdout
+    assert f"| after 2 GRPO steps | {after['accuracy']:.3f} | {after['format']:.3f} |" in stdout
