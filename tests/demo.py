@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo_vl as g  # noqa: E402
 
-RECIPE = ["--variant", "r1zero", "--model", "tiny", "--sft-data", "synthetic", "--sft-steps", "200",
+RECIPE = ["--variant", "r1zero", "--model", "tiny", "--sft-data", "synthetic", "--sft-steps", "400",
           "--data", "synthetic::Color", "--eval-data", "synthetic:200:Color", "--max-steps", "250",
           "--prompts-per-step", "8", "--lr", "2e-3", "--out", "runs/demo"]
 
