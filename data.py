@@ -161,7 +161,7 @@ def load_examples(spec, split, seed=0, skip_bad=False):
     if spec.startswith("synthetic"):
         n, tasks = (spec + "::").split(":")[1:3]
         if bad := [t for t in tasks.split(",") if tasks and t not in TASKS + ("Color",)]:
-            raise ValueError(f"data set {spec!r}: no synthetic task {bad[0]!r} (Count Relation Depth Distance Color)")
+            raise ValueError(f"data set {spec!r}: no synthetic task {bad[0]!r} ({', '.join(TASKS + ('Color',))})")
         rows = synthetic_rows(int(n or 2000), seed + (split != "train"), tasks.split(",") if tasks else TASKS)
         return [{**from_cvbench(r, i, spec), "row": i} for i, r in enumerate(rows)]
     import datasets  # imported here: start-up stays fast for the synthetic path

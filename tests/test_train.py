@@ -172,3 +172,14 @@ def test_demo_prints_the_before_after_table_from_its_evaluations(tmp_path):
     assert (f"| start of GRPO (after the SFT warm-up) | {before['accuracy']:.3f} | {before['format']:.3f} | "
             f"{before['completion_len']:.1f} |") in stdout
     assert f"| after 2 GRPO steps | {after['accuracy']:.3f} | {after['format']:.3f} |" in stdout
+
+
+def test_readme_demo_command_is_the_demo_recipe():
+    """The README shows the demo as one grpo_vl.py command: it must be what tests/demo.py runs."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import demo
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("python grpo_vl.py --variant r1zero --model tiny --sft-data", 1)[1].split("```", 1)[0]
+    shown = ("--variant r1zero --model tiny --sft-data" + block).replace("\\\n", " ").split()
+    steps = g.parse_args(demo.RECIPE).max_steps
+    assert g.parse_args(shown) == g.parse_args(demo.RECIPE + ["--eval-every", str(steps)])
