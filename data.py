@@ -4,6 +4,7 @@ Every adapter turns a published row into one example: {"images": [PIL / path / U
 "answer": gold text, "choices": [option texts] or None, "task", "source"} plus, for SFT and StepGRPO,
 "solution" (P3 sections), "key_steps" ([[equivalent forms], ...]) or "target" (a chat row's reply).
 """
+
 import collections
 import io
 import json
@@ -16,16 +17,20 @@ from qwen_vl_utils import fetch_image
 # --------------------------------------------------------------------------- prompts (P1, P2)
 # P1: the base model has no chat template, so the string is built by hand. Note the space before
 # "\nAssistant:" and the opened <think>: the completion continues the reasoning (R2 puts it back).
-P1 = ("<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. The user asks "
-      "a question about the image, and the Assistant solves it. The assistant first thinks about the "
-      "reasoning process in the mind and then provides the user with the answer.\nUser: {question} "
-      "\nAssistant: Let me solve this step by step.\n<think>")
+P1 = (
+    "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. The user asks "
+    "a question about the image, and the Assistant solves it. The assistant first thinks about the "
+    "reasoning process in the mind and then provides the user with the answer.\nUser: {question} "
+    "\nAssistant: Let me solve this step by step.\n<think>"
+)
 P2 = "  Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
 # P3 (StepGRPO): instructions for the step-wise sections, then the question.
-P3 = ("Solve the question about the image step by step. First describe the image under '### Image Description:', "
-      "then give the rationale under '### Rationales:', then write '### Let's think step by step.' and the "
-      "numbered steps '### Step 1:', '### Step 2:', ..., and end with '### The final answer is:' and the "
-      "answer.\n\n")
+P3 = (
+    "Solve the question about the image step by step. First describe the image under '### Image Description:', "
+    "then give the rationale under '### Rationales:', then write '### Let's think step by step.' and the "
+    "numbered steps '### Step 1:', '### Step 2:', ..., and end with '### The final answer is:' and the "
+    "answer.\n\n"
+)
 FINAL = "### The final answer is:"
 PROMPT_STYLES = ("base", "instruct", "step", "plain")  # P1, P2, P3, P4 (Vision-R1: the question alone)
 
@@ -38,8 +43,9 @@ def prompt_text(ex, style, processor):
     style = "plain" if ex.get("target") else style
     text = {"instruct": ex["question"] + P2, "step": P3 + ex["question"]}.get(style, ex["question"])
     content = [{"type": "image"} for _ in ex["images"]] + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def open_image(img):
@@ -53,8 +59,13 @@ def encode(processor, examples, style, max_pixels):
     """Left-padded processor batch for a list of examples (I2). Images are fetched and resized by
     qwen-vl-utils to a multiple of patch * merge with at most max_pixels."""
     patch = processor.image_processor.patch_size
-    images = [fetch_image({"image": open_image(im), "min_pixels": 3136, "max_pixels": max_pixels},
-                          image_patch_size=patch) for ex in examples for im in ex["images"]]
+    images = [
+        fetch_image(
+            {"image": open_image(im), "min_pixels": 3136, "max_pixels": max_pixels}, image_patch_size=patch
+        )
+        for ex in examples
+        for im in ex["images"]
+    ]
     texts = [prompt_text(ex, style, processor) for ex in examples]
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
@@ -77,7 +88,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class BadRow(ValueError):
-    def __init__(self, name, i, column, why):  # `reason` counts skipped rows: the column and the why, no details
+    def __init__(
+        self, name, i, column, why
+    ):  # `reason` counts skipped rows: the column and the why, no details
         super().__init__(f"data set {name!r}, row {i}, column {column!r}: {why}")
         self.reason = f"{column}: {why.split(' (')[0]}"
 
@@ -99,9 +112,16 @@ def from_cvbench(row, i, name):
     letter = str(row.get("answer") or "").strip("() ")
     if len(letter) != 1 or LETTERS.find(letter) >= len(row["choices"]) or LETTERS.find(letter) < 0:
         raise BadRow(name, i, "answer", f"expected a letter among the choices, got {row.get('answer')!r}")
-    return {"images": [row["image"]], "question": row["prompt"], "choices": list(row["choices"]),
-            "answer": row["choices"][LETTERS.index(letter)], "task": row.get("task", ""),
-            "source": row.get("source", ""), "solution": row.get("solution"), "key_steps": key_steps(row)}
+    return {
+        "images": [row["image"]],
+        "question": row["prompt"],
+        "choices": list(row["choices"]),
+        "answer": row["choices"][LETTERS.index(letter)],
+        "task": row.get("task", ""),
+        "source": row.get("source", ""),
+        "solution": row.get("solution"),
+        "key_steps": key_steps(row),
+    }
 
 
 def row_images(row, i, name):
@@ -124,25 +144,49 @@ def from_stepwise(row, i, name):
     answer = (solution.rpartition(FINAL)[2].strip().splitlines() or [""])[0] if FINAL in solution else ""
     if not answer:
         raise BadRow(name, i, "solution", f"no answer after a '{FINAL}' line")
-    return {"images": row_images(row, i, name), "question": row["problem"], "answer": answer, "choices": None,
-            "task": row.get("task") or "step", "source": name, "solution": solution, "key_steps": key_steps(row)}
+    return {
+        "images": row_images(row, i, name),
+        "question": row["problem"],
+        "answer": answer,
+        "choices": None,
+        "task": row.get("task") or "step",
+        "source": name,
+        "solution": solution,
+        "key_steps": key_steps(row),
+    }
 
 
 def from_chat(row, i, name):
     """Chat SFT rows (Mulberry-SFT, Vision-R1-cold): role/content or from/value turns, plus `images`.
     The first user turn is the prompt, the assistant turn after it the SFT target."""
     column = "messages" if row.get("messages") else "conversations"
-    text = lambda c: c if isinstance(c, str) else " ".join(x.get("text") or "" for x in c or [] if isinstance(x, dict))
-    turns = [({"human": "user", "gpt": "assistant"}.get(t.get("role") or t.get("from"), t.get("role") or t.get("from")),
-              text(t["content"] if t.get("content") is not None else t.get("value"))) for t in row.get(column) or []]
+    text = lambda c: (
+        c if isinstance(c, str) else " ".join(x.get("text") or "" for x in c or [] if isinstance(x, dict))
+    )
+    turns = [
+        (
+            {"human": "user", "gpt": "assistant"}.get(
+                t.get("role") or t.get("from"), t.get("role") or t.get("from")
+            ),
+            text(t["content"] if t.get("content") is not None else t.get("value")),
+        )
+        for t in row.get(column) or []
+    ]
     roles = [role for role, _ in turns]
-    if "user" not in roles or "assistant" not in roles[roles.index("user"):]:
+    if "user" not in roles or "assistant" not in roles[roles.index("user") :]:
         raise BadRow(name, i, column, "needs a user turn followed by an assistant turn")
     question, images = turns[roles.index("user")][1], row_images(row, i, name)
     if question.count("<image>") not in (0, len(images)):
         raise BadRow(name, i, "images", f"{len(images)} images for {question.count('<image>')} <image> slots")
-    return {"images": images, "question": question.replace("<image>", "").strip(), "answer": None, "choices": None,
-            "task": "sft", "source": name, "target": turns[roles.index("assistant", roles.index("user"))][1]}
+    return {
+        "images": images,
+        "question": question.replace("<image>", "").strip(),
+        "answer": None,
+        "choices": None,
+        "task": "sft",
+        "source": name,
+        "target": turns[roles.index("assistant", roles.index("user"))][1],
+    }
 
 
 def from_sat(row, i, name, rng):
@@ -151,8 +195,14 @@ def from_sat(row, i, name, rng):
         raise BadRow(name, i, "correct_answer", "no answer")
     options = rng.sample(list(row["answers"]), len(row["answers"]))
     q = f"{row['question']} Choose between the following options: {', '.join(options[:-1])} or {options[-1]}"
-    return {"images": list(row["image_bytes"]), "question": q, "answer": row["correct_answer"], "choices": None,
-            "task": "SAT", "source": "SAT"}
+    return {
+        "images": list(row["image_bytes"]),
+        "question": q,
+        "answer": row["correct_answer"],
+        "choices": None,
+        "task": "SAT",
+        "source": "SAT",
+    }
 
 
 def load_examples(spec, split, seed=0, skip_bad=False):
@@ -161,24 +211,35 @@ def load_examples(spec, split, seed=0, skip_bad=False):
     if spec.startswith("synthetic"):
         n, tasks = (spec + "::").split(":")[1:3]
         if bad := [t for t in tasks.split(",") if tasks and t not in TASKS + ("Color",)]:
-            raise ValueError(f"data set {spec!r}: no synthetic task {bad[0]!r} ({', '.join(TASKS + ('Color',))})")
+            raise ValueError(
+                f"data set {spec!r}: no synthetic task {bad[0]!r} ({', '.join(TASKS + ('Color',))})"
+            )
         rows = synthetic_rows(int(n or 2000), seed + (split != "train"), tasks.split(",") if tasks else TASKS)
         return [{**from_cvbench(r, i, spec), "row": i} for i, r in enumerate(rows)]
     import datasets  # imported here: start-up stays fast for the synthetic path
+
     ext = {"jsonl": "json"}.get(os.path.splitext(spec)[1][1:], os.path.splitext(spec)[1][1:])
     ds = datasets.load_dataset(ext, data_files=spec) if os.path.isfile(spec) else datasets.load_dataset(spec)
     ds = ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only/first one
     cols, rng, out, multi, skipped = set(ds.column_names), random.Random(seed), [], 0, collections.Counter()
-    if not ("image_bytes" in cols or {"prompt", "choices", "answer"} <= cols or "problem" in cols
-            or cols & {"messages", "conversations"}):
-        raise ValueError(f"data set {spec!r}: columns {sorted(cols)} match no known schema "
-                         "(SAT, CV-Bench, step-wise CoT, math RL, chat SFT)")
+    if not (
+        "image_bytes" in cols
+        or {"prompt", "choices", "answer"} <= cols
+        or "problem" in cols
+        or cols & {"messages", "conversations"}
+    ):
+        raise ValueError(
+            f"data set {spec!r}: columns {sorted(cols)} match no known schema "
+            "(SAT, CV-Bench, step-wise CoT, math RL, chat SFT)"
+        )
     for i in range(len(ds)):
         try:
             try:
                 row = ds[i]  # decodes the row's images: a corrupt one fails here
             except OSError as e:
-                raise BadRow(spec, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
+                raise BadRow(
+                    spec, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})"
+                ) from None
             if "image_bytes" in cols:  # SAT: single-image rows only (r1zero trains on those)
                 if len(row["image_bytes"] or []) != 1:
                     multi += 1
@@ -191,8 +252,14 @@ def load_examples(spec, split, seed=0, skip_bad=False):
             elif {"problem", "answer"} <= cols:  # math RL rows (geometry3k / Vision-R1-rl)
                 if not str(row.get("answer") or "").strip():
                     raise BadRow(spec, i, "answer", "no answer")
-                ex = {"images": row_images(row, i, spec), "question": row["problem"], "answer": str(row["answer"]),
-                      "choices": None, "task": "math", "source": spec}
+                ex = {
+                    "images": row_images(row, i, spec),
+                    "question": row["problem"],
+                    "answer": str(row["answer"]),
+                    "choices": None,
+                    "task": "math",
+                    "source": spec,
+                }
             else:
                 ex = from_chat(row, i, spec)
             check_images(ex, i, spec)
@@ -266,13 +333,20 @@ def synthetic_rows(n, seed, tasks=TASKS):
                 draw(d, s, c, x, H // 2, rr, drawn)
             q = f"Which is closer to the camera, the {name[0]} or the {name[1]}?"
             choices = [name[0], name[1]] if r[0] > r[1] else [name[1], name[0]]
-            steps = [f"The {choices[0]} is bigger than the {choices[1]}.", f"Bigger means closer, so the "
-                     f"{choices[0]} is closer."]
+            steps = [
+                f"The {choices[0]} is bigger than the {choices[1]}.",
+                f"Bigger means closer, so the {choices[0]} is closer.",
+            ]
             keys = [[f"{choices[0]} is bigger", f"{choices[0]} is larger"], [f"{choices[0]} is closer"]]
         elif task == "Color":  # one big shape, whose colour alone answers
             c, r = rng.choice(list(COLORS)), rng.randint(30, 42)
             draw(d, rng.choice(SHAPES), c, rng.randint(r, W - r), rng.randint(r, H - r), r, drawn)
-            q, choices, steps, keys = "What colour is the shape?", list(COLORS), [f"The shape is {c}."], [[f"is {c}"]]
+            q, choices, steps, keys = (
+                "What colour is the shape?",
+                list(COLORS),
+                [f"The shape is {c}."],
+                [[f"is {c}"]],
+            )
         else:  # Distance: which of two objects is nearer (in the picture) to a third
             pts = [(rng.randint(10, W - 10), rng.randint(10, H - 10)) for _ in range(3)]
             dist = [abs(complex(*pts[j]) - complex(*pts[0])) for j in (1, 2)]
@@ -288,15 +362,33 @@ def synthetic_rows(n, seed, tasks=TASKS):
         gold = c if task == "Color" else choices[0]
         if task != "Color":
             rng.shuffle(choices)
-        prompt = q + " Select from the following choices.\n" + "\n".join(
-            f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
+        prompt = (
+            q
+            + " Select from the following choices.\n"
+            + "\n".join(f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
+        )
         answer = f"({LETTERS[choices.index(gold)]})"
-        solution = (f"### Image Description:\nThe image shows {', '.join(sorted(set(drawn)))}.\n"
-                    f"### Rationales:\nThe question is about "
-                    f"{task.lower()}; I compare the shapes in the image.\n### Let's think step by step.\n"
-                    + "".join(f"### Step {j + 1}:\n{st}\n" for j, st in enumerate(steps)) + f"{FINAL} {answer}")
-        rows.append({"image": img, "prompt": prompt, "question": q, "choices": choices, "task": task,
-                     "answer": answer, "type": "3D" if task in ("Depth", "Distance") else "2D",
-                     "source": "Omni3D" if task in ("Depth", "Distance") else ("ADE20K", "COCO")[i // len(tasks) % 2],
-                     "solution": solution, "key_steps": {"Steps": keys}})
+        solution = (
+            f"### Image Description:\nThe image shows {', '.join(sorted(set(drawn)))}.\n"
+            f"### Rationales:\nThe question is about "
+            f"{task.lower()}; I compare the shapes in the image.\n### Let's think step by step.\n"
+            + "".join(f"### Step {j + 1}:\n{st}\n" for j, st in enumerate(steps))
+            + f"{FINAL} {answer}"
+        )
+        rows.append(
+            {
+                "image": img,
+                "prompt": prompt,
+                "question": q,
+                "choices": choices,
+                "task": task,
+                "answer": answer,
+                "type": "3D" if task in ("Depth", "Distance") else "2D",
+                "source": "Omni3D"
+                if task in ("Depth", "Distance")
+                else ("ADE20K", "COCO")[i // len(tasks) % 2],
+                "solution": solution,
+                "key_steps": {"Steps": keys},
+            }
+        )
     return rows

@@ -19,12 +19,12 @@ Deliberate simplifications:
  4. Gradients are reduce-scattered after every micro-batch (correct, a little more communication).
  5. Logged means over ranks are means of per-rank means (equal counts per rank); trajectories are rank 0's.
 """
+
 import argparse
 import bisect
 import contextlib
 import copy
 import functools
-import inspect
 import itertools
 import json
 import math
@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -49,82 +49,159 @@ import rewards as R
 
 
 # ============================================================================ 0. arguments
+def flag(default, help):
+    """A dataclass field whose metadata carries its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Args:
-    """Every flag: `--name-with-dashes`. Help is the comment; the variant (table V) sets the defaults."""
-    variant: str = "r1zero"  # recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults below
-    model: str = "Qwen/Qwen2-VL-2B"  # Qwen2-VL / 2.5-VL hub id or folder, or tiny / tiny-2.5 (random, offline)
-    data: str = "array/SAT"  # training data: hub id, folder, .json/.jsonl/.parquet, or 'synthetic[:N[:Task,...]]'
-    eval_data: str = "nyu-visionx/CV-Bench"  # evaluation data (protocol E), same forms as --data
-    out: str = "runs/grpo"  # output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json
-    prompt: str = "base"  # prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)
-    rewards: str = "accuracy,format"  # G1: accuracy=R1 format=R2 step_accuracy=R4 step_validity=R5 hard_format=R6
-    length_bonus: float = 0.0  # R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)
-    alpha: float = 0.1  # R4 StepRAR: weight of the share of matched key steps
-    num_generations: int = 8  # G: completions sampled per prompt
-    prompts_per_step: int = 8  # prompts per optimizer step, summed over all ranks
-    temperature: float = 1.0  # T: sampling temperature, also applied to every log-prob (G8)
-    max_new_tokens: int = 700  # cap on completion length during training
-    ptst: str = ""  # PTST stages 'tokens:G:steps,...': cap and G per stage; replaces --max-steps
-    lr: float = 1e-6  # AdamW learning rate, decayed linearly to 0
-    beta: float = 0.04  # KL coefficient (G4/G5); 0 loads no reference model
-    mu: int = 1  # policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached
-    eps: float = 0.2  # clip range of the ratio (G5)
-    loss_agg: str = "seq"  # seq: per completion, then mean (G6, papers) | token: mean over all tokens (DAPO)
-    max_grad_norm: float = 1.0  # gradient-norm clip
-    epochs: int = 2  # passes over the training data (when --max-steps is 0)
-    max_steps: int = 0  # optimizer steps; 0 = --epochs passes over the data
-    sft_data: str = ""  # warm-up / cold-start SFT data (step-wise CoT or chat rows); empty = --data
-    sft_epochs: int = 0  # SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)
-    sft_steps: int = 0  # SFT optimizer steps (overrides --sft-epochs)
-    sft_only: bool = False  # run the SFT phase, write OUT/checkpoint and stop
-    sft_lr: float = 2e-5  # SFT peak learning rate (cosine schedule after a linear warm-up)
-    sft_warmup: float = 0.03  # share of the SFT steps spent warming the learning rate up
-    sft_weight_decay: float = 0.05  # AdamW weight decay during SFT
-    sft_batch: int = 8  # SFT examples per optimizer step, summed over all ranks
-    max_prompt_tokens: int = 0  # longer prompts are bad rows, never cut (image tokens, I4); 0 = no cap
-    max_pixels: int = 401408  # images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)
-    micro_batch: int = 8  # sequences per forward/backward pass (gradients accumulate within a step)
-    gen_batch: int = 0  # prompts per generate() call (0: all of a rank's); 1: rollouts ignore the rank count
-    freeze: str = ""  # 'vision' or 'llm': stop their gradients (the r1zero ablations)
-    seed: int = 0  # seed of the data order, the tiny model and the rollouts
-    save_every: int = 0  # checkpoint every N steps (and at the end of each phase); 0 = at the ends only
-    eval_every: int = 0  # evaluate on --eval-data every N steps and at the end; 0 = never during training
-    eval: bool = False  # evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit
-    eval_max_new_tokens: int = 1024  # greedy decoding cap for evaluation (protocol E)
-    log_completions_every: int = 10  # write sampled completions with their rewards to OUT/trajectories/ every N steps
-    resume: bool = False  # continue from OUT/checkpoint: weights, optimizer, schedule, phase, step
-    keep: int = 2  # checkpoints kept in OUT/checkpoints/ (OUT/checkpoint links to the newest)
-    skip_bad_rows: bool = False  # skip unusable data rows, counted by reason, instead of stopping at the first one
-    trust_remote_code: bool = False  # let transformers run code shipped with a model (off: safetensors weights only)
+    """Every flag: `--name-with-dashes`, with its help text; the variant (table V) sets the defaults."""
+
+    variant: str = flag(
+        "r1zero", "recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults below"
+    )
+    model: str = flag(
+        "Qwen/Qwen2-VL-2B", "Qwen2-VL / 2.5-VL hub id or folder, or tiny / tiny-2.5 (random, offline)"
+    )
+    data: str = flag(
+        "array/SAT", "training data: hub id, folder, .json/.jsonl/.parquet, or 'synthetic[:N[:Task,...]]'"
+    )
+    eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data (protocol E), same forms as --data")
+    out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json")
+    prompt: str = flag(
+        "base", "prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)"
+    )
+    rewards: str = flag(
+        "accuracy,format", "G1: accuracy=R1 format=R2 step_accuracy=R4 step_validity=R5 hard_format=R6"
+    )
+    length_bonus: float = flag(
+        0.0, "R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)"
+    )
+    alpha: float = flag(0.1, "R4 StepRAR: weight of the share of matched key steps")
+    num_generations: int = flag(8, "G: completions sampled per prompt")
+    prompts_per_step: int = flag(8, "prompts per optimizer step, summed over all ranks")
+    temperature: float = flag(1.0, "T: sampling temperature, also applied to every log-prob (G8)")
+    max_new_tokens: int = flag(700, "cap on completion length during training")
+    ptst: str = flag("", "PTST stages 'tokens:G:steps,...': cap and G per stage; replaces --max-steps")
+    lr: float = flag(1e-6, "AdamW learning rate, decayed linearly to 0")
+    beta: float = flag(0.04, "KL coefficient (G4/G5); 0 loads no reference model")
+    mu: int = flag(1, "policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached")
+    eps: float = flag(0.2, "clip range of the ratio (G5)")
+    loss_agg: str = flag(
+        "seq", "seq: per completion, then mean (G6, papers) | token: mean over all tokens (DAPO)"
+    )
+    max_grad_norm: float = flag(1.0, "gradient-norm clip")
+    epochs: int = flag(2, "passes over the training data (when --max-steps is 0)")
+    max_steps: int = flag(0, "optimizer steps; 0 = --epochs passes over the data")
+    sft_data: str = flag("", "warm-up / cold-start SFT data (step-wise CoT or chat rows); empty = --data")
+    sft_epochs: int = flag(0, "SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)")
+    sft_steps: int = flag(0, "SFT optimizer steps (overrides --sft-epochs)")
+    sft_only: bool = flag(False, "run the SFT phase, write OUT/checkpoint and stop")
+    sft_lr: float = flag(2e-5, "SFT peak learning rate (cosine schedule after a linear warm-up)")
+    sft_warmup: float = flag(0.03, "share of the SFT steps spent warming the learning rate up")
+    sft_weight_decay: float = flag(0.05, "AdamW weight decay during SFT")
+    sft_batch: int = flag(8, "SFT examples per optimizer step, summed over all ranks")
+    max_prompt_tokens: int = flag(0, "longer prompts are bad rows, never cut (image tokens, I4); 0 = no cap")
+    max_pixels: int = flag(
+        401408, "images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)"
+    )
+    micro_batch: int = flag(8, "sequences per forward/backward pass (gradients accumulate within a step)")
+    gen_batch: int = flag(
+        0, "prompts per generate() call (0: all of a rank's); 1: rollouts ignore the rank count"
+    )
+    freeze: str = flag("", "'vision' or 'llm': stop their gradients (the r1zero ablations)")
+    seed: int = flag(0, "seed of the data order, the tiny model and the rollouts")
+    save_every: int = flag(0, "checkpoint every N steps (and at the end of each phase); 0 = at the ends only")
+    eval_every: int = flag(
+        0, "evaluate on --eval-data every N steps and at the end; 0 = never during training"
+    )
+    eval: bool = flag(False, "evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit")
+    eval_max_new_tokens: int = flag(1024, "greedy decoding cap for evaluation (protocol E)")
+    log_completions_every: int = flag(
+        10, "write sampled completions with their rewards to OUT/trajectories/ every N steps"
+    )
+    resume: bool = flag(False, "continue from OUT/checkpoint: weights, optimizer, schedule, phase, step")
+    keep: int = flag(2, "checkpoints kept in OUT/checkpoints/ (OUT/checkpoint links to the newest)")
+    skip_bad_rows: bool = flag(
+        False, "skip unusable data rows, counted by reason, instead of stopping at the first one"
+    )
+    trust_remote_code: bool = flag(
+        False, "let transformers run code shipped with a model (off: safetensors weights only)"
+    )
 
 
 # Table V. Every value is only a default: a flag given on the command line wins.
 VARIANTS = {
-    "r1zero": dict(model="Qwen/Qwen2-VL-2B", prompt="base", rewards="accuracy,format", num_generations=8,
-                   temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
-    "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="instruct", rewards="accuracy,format", num_generations=8,
-                 temperature=1.0, max_new_tokens=700, max_pixels=401408, data="array/SAT"),
-    "stepgrpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="step", rewards="step_accuracy,step_validity",
-                     num_generations=4, temperature=1.2, max_new_tokens=1024, max_pixels=400000, data="",
-                     sft_epochs=2, sft_lr=2e-5, sft_warmup=0.03, sft_weight_decay=0.05),
+    "r1zero": dict(
+        model="Qwen/Qwen2-VL-2B",
+        prompt="base",
+        rewards="accuracy,format",
+        num_generations=8,
+        temperature=1.0,
+        max_new_tokens=700,
+        max_pixels=401408,
+        data="array/SAT",
+    ),
+    "grpo": dict(
+        model="Qwen/Qwen2-VL-2B-Instruct",
+        prompt="instruct",
+        rewards="accuracy,format",
+        num_generations=8,
+        temperature=1.0,
+        max_new_tokens=700,
+        max_pixels=401408,
+        data="array/SAT",
+    ),
+    "stepgrpo": dict(
+        model="Qwen/Qwen2-VL-2B-Instruct",
+        prompt="step",
+        rewards="step_accuracy,step_validity",
+        num_generations=4,
+        temperature=1.2,
+        max_new_tokens=1024,
+        max_pixels=400000,
+        data="",
+        sft_epochs=2,
+        sft_lr=2e-5,
+        sft_warmup=0.03,
+        sft_weight_decay=0.05,
+    ),
     # PTST: 100 steps per stage is our default, not a published number
-    "vision-r1": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", prompt="plain", rewards="hard_format", temperature=1.0,
-                      ptst="4096:16:100,8192:8:100", data="", sft_epochs=2, sft_lr=5e-6, sft_warmup=0.05,
-                      sft_weight_decay=0.0, sft_batch=32),
+    "vision-r1": dict(
+        model="Qwen/Qwen2.5-VL-7B-Instruct",
+        prompt="plain",
+        rewards="hard_format",
+        temperature=1.0,
+        ptst="4096:16:100,8192:8:100",
+        data="",
+        sft_epochs=2,
+        sft_lr=5e-6,
+        sft_warmup=0.05,
+        sft_weight_decay=0.0,
+        sft_batch=32,
+    ),
 }
 # --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M random model notices
-TINY = dict(data="synthetic", eval_data="synthetic:64", max_new_tokens=96, prompts_per_step=4,
-            eval_max_new_tokens=96, sft_lr=1e-2, sft_batch=8)
+TINY = dict(
+    data="synthetic",
+    eval_data="synthetic:64",
+    max_new_tokens=96,
+    prompts_per_step=4,
+    eval_max_new_tokens=96,
+    sft_lr=1e-2,
+    sft_batch=8,
+)
 
 
 def parse_args(argv=None):
-    """Flags from the dataclass; the help of each is the comment on its line."""
-    docs = dict(re.findall(r"\n    (\w+): .*?  # (.*)", inspect.getsource(Args)))
+    """Flags from the dataclass Args; variant defaults, then the flags given, win in that order."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Args):
         kind = dict(action="store_true") if f.type is bool else dict(type=f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=docs[f.name], **kind)
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f.metadata["help"], **kind
+        )
     given = vars(p.parse_args(argv))
     variant = given.get("variant", Args.variant)
     if variant not in VARIANTS:
@@ -132,9 +209,12 @@ def parse_args(argv=None):
     tiny = given.get("model", "").startswith("tiny")
     defaults = {**VARIANTS[variant], **(TINY if tiny else {})}
     args = Args(**{**defaults, **given})
-    for flag, values, allowed in [("--rewards", args.rewards.split(","), R.REWARDS), ("--prompt", [args.prompt],
-                                  data.PROMPT_STYLES), ("--loss-agg", [args.loss_agg], ("seq", "token")),
-                                  ("--freeze", [args.freeze], ("", "vision", "llm"))]:
+    for flag, values, allowed in [
+        ("--rewards", args.rewards.split(","), R.REWARDS),
+        ("--prompt", [args.prompt], data.PROMPT_STYLES),
+        ("--loss-agg", [args.loss_agg], ("seq", "token")),
+        ("--freeze", [args.freeze], ("", "vision", "llm")),
+    ]:
         if bad := [v for v in values if v not in allowed]:
             p.error(f"{flag} {bad[0]!r}: expected one of {', '.join(map(repr, allowed))}")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -143,12 +223,18 @@ def parse_args(argv=None):
     if not tiny and not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
         p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
     if not args.data:
-        p.error(f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)")
+        p.error(
+            f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)"
+        )
     stage = r"[1-9]\d*:[1-9]\d*:[1-9]\d*"
     if args.ptst and not re.fullmatch(rf"{stage}(,{stage})*", args.ptst):
-        p.error(f"--ptst {args.ptst!r}: expected tokens:G:steps stages, comma-separated (4096:16:100,8192:8:100)")
+        p.error(
+            f"--ptst {args.ptst!r}: expected tokens:G:steps stages, comma-separated (4096:16:100,8192:8:100)"
+        )
     if min([args.num_generations] + [G for _, G, _ in parse_ptst(args.ptst)]) < 2:
-        p.error("--num-generations (and every PTST stage's G) must be at least 2: a group of one has no advantage (G2)")
+        p.error(
+            "--num-generations (and every PTST stage's G) must be at least 2: a group of one has no advantage (G2)"
+        )
     return args
 
 
@@ -161,7 +247,8 @@ def parse_ptst(spec):
 TINY_TEMPLATE = (  # Qwen2-VL's chat template, minus the default system turn
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}{% for c in "
     "m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif "
-    "%}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "%}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"] + VISION_TOKENS  # Qwen2-VL's
 
@@ -170,32 +257,70 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
     """A random-weight Qwen2-VL or Qwen2.5-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on
     the spot on the prompts and the synthetic task: real processor, real model class, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     rows = data.synthetic_rows(200, 12345)
     corpus = [data.P1 + data.P2 + data.P3] + [r["prompt"] for r in rows] + [r["solution"] for r in rows]
     corpus += ["<think> I see the image. Wait, let me check. </think> <answer> (A) </answer> 0123456789"] * 20
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=SPECIAL,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     ids = tok.convert_tokens_to_ids
     special = dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"], ids("<|endoftext|>"))
-    hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3, as [16, 24, 24]
+    hd = (
+        hidden // 4
+    )  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3, as [16, 24, 24]
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, window_size=56,
-                  fullatt_block_indexes=[1]) if qwen25 else dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2,
-                                                                  mlp_ratio=2)  # patch 14, merge 2 as the real ones
+    vision = (
+        dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=hidden,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+        if qwen25
+        else dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2)
+    )  # patch 14, merge 2 as the real ones
     cfg = (tf.Qwen2_5_VLConfig if qwen25 else tf.Qwen2VLConfig)(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
-                         num_hidden_layers=layers, num_key_value_heads=2, rope_parameters=rope, **special),
-        vision_config=vision, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False, **special)
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_attention_heads=4,
+            num_hidden_layers=layers,
+            num_key_value_heads=2,
+            rope_parameters=rope,
+            **special,
+        ),
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+        **special,
+    )
     torch.manual_seed(seed)
     model = (tf.Qwen2_5_VLForConditionalGeneration if qwen25 else tf.Qwen2VLForConditionalGeneration)(cfg)
     processor = (tf.Qwen2_5_VLProcessor if qwen25 else tf.Qwen2VLProcessor)(
-        image_processor=tf.Qwen2VLImageProcessor(), tokenizer=tok, video_processor=tf.Qwen2VLVideoProcessor(),
-        chat_template=TINY_TEMPLATE)
+        image_processor=tf.Qwen2VLImageProcessor(),
+        tokenizer=tok,
+        video_processor=tf.Qwen2VLVideoProcessor(),
+        chat_template=TINY_TEMPLATE,
+    )
     return model, processor
 
 
@@ -204,12 +329,19 @@ def load_model(args):
     if args.model in ("tiny", "tiny-2.5"):
         model, processor = build_tiny(args.seed, qwen25=args.model == "tiny-2.5")
     else:
-        model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32,
-                                                               trust_remote_code=args.trust_remote_code)
+        model = tf.AutoModelForImageTextToText.from_pretrained(
+            args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+        )
         processor = tf.AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     tok, gen_eos = processor.tokenizer, model.generation_config.eos_token_id  # an int or a list
-    eos = sorted({i for i in tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]) + (
-        gen_eos if isinstance(gen_eos, list) else [gen_eos]) if i is not None})
+    eos = sorted(
+        {
+            i
+            for i in tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+            + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
+            if i is not None
+        }
+    )
     # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
     # penalty 1.05). Replace it: RL must sample from, and score, the plain tempered distribution (G8).
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
@@ -221,7 +353,11 @@ def load_model(args):
 def shard(model, mesh, device):
     """fully_shard each vision block, each decoder layer, the vision tower, then the root. On GPU:
     bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(torch.bfloat16, torch.float32)
+        if device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
     # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
@@ -258,17 +394,24 @@ def take(batch, idx):
     """Sequences `idx` of a batch. pixel_values holds one row per image patch of all images of the batch,
     concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen samples' images.
     take(b, arange(P).repeat_interleave(G)) expands prompts to groups; .repeat would interleave them."""
-    spans = lambda sizes, picked: torch.cat([torch.arange(a - n, a) for a, n in zip(sizes.cumsum(0)[picked],
-                                                                                    sizes[picked])])
-    images = spans(batch["n_images"], torch.as_tensor(idx))                 # (n,) this batch's image indices
-    rows = spans(batch["image_grid_thw"].prod(-1), images)                  # pixel_values rows of those images
+    spans = lambda sizes, picked: torch.cat(
+        [torch.arange(a - n, a) for a, n in zip(sizes.cumsum(0)[picked], sizes[picked])]
+    )
+    images = spans(batch["n_images"], torch.as_tensor(idx))  # (n,) this batch's image indices
+    rows = spans(batch["image_grid_thw"].prod(-1), images)  # pixel_values rows of those images
     out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    return {**out, "image_grid_thw": batch["image_grid_thw"][images], "pixel_values": batch["pixel_values"][rows]}
+    return {
+        **out,
+        "image_grid_thw": batch["image_grid_thw"][images],
+        "pixel_values": batch["pixel_values"][rows],
+    }
 
 
 def encode(processor, exs, args):
-    return {**data.encode(processor, exs, args.prompt, args.max_pixels),
-            "n_images": torch.tensor([len(ex["images"]) for ex in exs])}
+    return {
+        **data.encode(processor, exs, args.prompt, args.max_pixels),
+        "n_images": torch.tensor([len(ex["images"]) for ex in exs]),
+    }
 
 
 def split(b, size):
@@ -284,7 +427,7 @@ def data_order(n, needed, seed):
 
 def my_share(order, step, n, rank, world):
     """This rank's part of step `step`'s n examples (whole groups: a prompt's G completions stay on one rank)."""
-    return order[(step - 1) * n:step * n][rank * n // world:(rank + 1) * n // world]
+    return order[(step - 1) * n : step * n][rank * n // world : (rank + 1) * n // world]
 
 
 # ============================================================================ 1. rollout
@@ -295,11 +438,15 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
     G, n, batches = args.num_generations, args.gen_batch or len(exs), []
     with gathered(model):
         for start in range(0, len(exs), n):
-            chunk = exs[start:start + n]
-            b = take(encode(processor, chunk, args), torch.arange(len(chunk)).repeat_interleave(G))  # (P*G, L)
-            torch.manual_seed(seed + start)  # depends on the prompt's global index only, not on the rank count
+            chunk = exs[start : start + n]
+            b = take(
+                encode(processor, chunk, args), torch.arange(len(chunk)).repeat_interleave(G)
+            )  # (P*G, L)
+            torch.manual_seed(
+                seed + start
+            )  # depends on the prompt's global index only, not on the rank count
             seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
-            b["completion"] = seqs[:, b["input_ids"].shape[1]:].cpu()          # (P*G, C)
+            b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (P*G, C)
             b["mask"], b["truncated"] = completion_mask(b["completion"], eos)
             batches.append(b)
     return batches
@@ -307,15 +454,22 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
 
 def sampling(args, banned):
     """Plain sampling at T (G8, I1): transformers' default top_k=50 and hub configs' settings would change it."""
-    return dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                max_new_tokens=args.max_new_tokens, suppress_tokens=banned)
+    return dict(
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=args.max_new_tokens,
+        suppress_tokens=banned,
+    )
 
 
 def completion_mask(completion, eos):
     """G9: a completion counts up to and including its first EOS; what follows is padding."""
     is_eos = torch.isin(completion, torch.tensor(eos))
     C = completion.shape[1]
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)           # (N,) index of the first EOS
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)  # (N,) index of the first EOS
     return (torch.arange(C)[None] <= first[:, None]).float(), ~is_eos.any(1)
 
 
@@ -325,12 +479,16 @@ def token_logprobs(model, b, T, banned, device):
     tokens removed: exactly the distribution the token was drawn from (G8)."""
     comp = b["completion"].to(device)
     C = comp.shape[1]
-    out = model(input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
-                attention_mask=torch.cat([b["attention_mask"].to(device), b["mask"].to(device).long()], 1),
-                mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
-                pixel_values=b["pixel_values"].to(device), image_grid_thw=b["image_grid_thw"].to(device),
-                logits_to_keep=C + 1, use_cache=False)                           # I7: completion positions only
-    logits = out.logits[:, :-1].float() / T                                       # (N, C, V) predicts comp
+    out = model(
+        input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
+        attention_mask=torch.cat([b["attention_mask"].to(device), b["mask"].to(device).long()], 1),
+        mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
+        pixel_values=b["pixel_values"].to(device),
+        image_grid_thw=b["image_grid_thw"].to(device),
+        logits_to_keep=C + 1,
+        use_cache=False,
+    )  # I7: completion positions only
+    logits = out.logits[:, :-1].float() / T  # (N, C, V) predicts comp
     logits[..., banned] = float("-inf")
     return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (N, C)
 
@@ -339,9 +497,9 @@ def token_logprobs(model, b, T, banned, device):
 def group_advantages(r, G):
     """G2: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std, one A_i per completion.
     A group whose rewards are all equal teaches nothing: A = 0 exactly; frac_zero_std counts them."""
-    r = r.view(-1, G)                                                        # (P, G)
+    r = r.view(-1, G)  # (P, G)
     A = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
-    flat = r.max(1).values == r.min(1).values                                # (P,)
+    flat = r.max(1).values == r.min(1).values  # (P,)
     return A.masked_fill(flat[:, None], 0.0).view(-1), flat.float().mean().item()
 
 
@@ -350,7 +508,7 @@ def grpo_objective(logp, old, ref, A, mask, beta, eps):
     """Per-token L = min(rho*A, clip(rho, 1-eps, 1+eps)*A) - beta*D, with
     rho = exp(logp - old) (G3) and the k3 KL  D = exp(ref - logp) - (ref - logp) - 1 >= 0 (G4).
     Returns L (N, C) and the per-token D (zeros when there is no reference)."""
-    ratio = torch.exp(logp - old)                                             # (N, C) G3
+    ratio = torch.exp(logp - old)  # (N, C) G3
     surrogate = torch.min(ratio * A[:, None], ratio.clamp(1 - eps, 1 + eps) * A[:, None])  # G5
     D = torch.exp(ref - logp) - (ref - logp) - 1 if ref is not None else torch.zeros_like(logp)  # G4
     return surrogate - beta * D, D, ((ratio - 1).abs() > eps).float()
@@ -370,20 +528,32 @@ def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
     mine, results = exs[rank::world], []
     with gathered(model):
         for s in range(0, len(mine), 16):
-            b = encode(processor, mine[s:s + 16], args)
-            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, do_sample=False,
-                                  max_new_tokens=args.eval_max_new_tokens, suppress_tokens=banned)
-            o = seqs[:, b["input_ids"].shape[1]:].cpu()  # the completions o_i; n: a length as G9 counts it
-            for ex, text, n in zip(mine[s:s + 16], processor.batch_decode(o, True), completion_mask(o, eos)[0].sum(1)):
-                results.append((ex["task"], ex["source"], *judge(completion_text(text, args), ex, args.prompt), n))
+            b = encode(processor, mine[s : s + 16], args)
+            seqs = model.generate(
+                **{k: b[k].to(device) for k in MODEL_KEYS},
+                do_sample=False,
+                max_new_tokens=args.eval_max_new_tokens,
+                suppress_tokens=banned,
+            )
+            o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions o_i; n: a length as G9 counts it
+            for ex, text, n in zip(
+                mine[s : s + 16], processor.batch_decode(o, True), completion_mask(o, eos)[0].sum(1)
+            ):
+                results.append(
+                    (ex["task"], ex["source"], *judge(completion_text(text, args), ex, args.prompt), n)
+                )
     if world > 1:  # every rank's results
         dist.all_gather_object(everyone := [None] * world, results)
         results = [r for rs in everyone for r in rs]
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     acc = lambda key: mean([r[2] for r in results if key in r[:2]])
-    report = {"n": len(results), "accuracy": mean([r[2] for r in results]), "format": mean([r[3] for r in results]),
-              "completion_len": mean([float(r[4]) for r in results]),
-              "per_task": {t: acc(t) for t in sorted({r[0] for r in results})}}
+    report = {
+        "n": len(results),
+        "accuracy": mean([r[2] for r in results]),
+        "format": mean([r[3] for r in results]),
+        "completion_len": mean([float(r[4]) for r in results]),
+        "per_task": {t: acc(t) for t in sorted({r[0] for r in results})},
+    }
     if {"ADE20K", "COCO", "Omni3D"} <= {r[1] for r in results}:
         report["cvbench_combined"] = ((acc("ADE20K") + acc("COCO")) / 2 + acc("Omni3D")) / 2
     return report
@@ -409,7 +579,7 @@ def sft_batch(processor, exs, args):
     end = tok.convert_tokens_to_ids("<|endoftext|>" if args.prompt == "base" else "<|im_end|>")
     ids = [tok(data.sft_target(ex, args.prompt), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
     C = max(map(len, ids))
-    b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])   # (B, C)
+    b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])  # (B, C)
     b["mask"] = (torch.arange(C)[None] < torch.tensor([len(x) for x in ids])[:, None]).float()
     return b
 
@@ -422,8 +592,12 @@ def sft(model, processor, exs, args, banned, device, rank, world, log, record, a
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
     warm = max(1, round(args.sft_warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
+        ),
+    )
     order = data_order(len(exs), steps * n, args.seed)
     log(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
     if progress and progress["phase"] == "sft":
@@ -434,7 +608,9 @@ def sft(model, processor, exs, args, banned, device, rank, world, log, record, a
         n_tok = over_ranks({"n": b["mask"].sum().item()}, device)["n"]  # mean target tokens per rank
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        for mb in split(b, args.micro_batch):  # per rank / mean tokens per rank, averaged by FSDP = token mean
+        for mb in split(
+            b, args.micro_batch
+        ):  # per rank / mean tokens per rank, averaged by FSDP = token mean
             with amp:
                 nll = -(token_logprobs(model, mb, 1.0, banned, device) * mb["mask"].to(device)).sum() / n_tok
             nll.backward()
@@ -442,8 +618,17 @@ def sft(model, processor, exs, args, banned, device, rank, world, log, record, a
         grad_norm, lr = clip_and_step(params, opt, args.max_grad_norm), opt.param_groups[0]["lr"]
         sched.step()
         loss = over_ranks({"loss": loss}, device)["loss"]
-        record({"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                "tokens": n_tok * world, "step_time": time.time() - t0})
+        record(
+            {
+                "phase": "sft",
+                "step": step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "tokens": n_tok * world,
+                "step_time": time.time() - t0,
+            }
+        )
         log(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.1f}s")
         if step == steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(model, opt, sched, None, processor, args, "sft", step, rank)
@@ -454,7 +639,9 @@ def clip_and_step(params, opt, max_norm):
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     if not math.isfinite(grad_norm):
-        raise SystemExit(f"error: gradient norm {grad_norm}; stopped, OUT/checkpoint keeps the last good weights")
+        raise SystemExit(
+            f"error: gradient norm {grad_norm}; stopped, OUT/checkpoint keeps the last good weights"
+        )
     opt.step()
     return grad_norm
 
@@ -467,7 +654,9 @@ def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
     mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
     root, name = os.path.join(args.out, "checkpoints"), f"{phase}-{step:06d}"
     tmp = os.path.join(root, ".tmp-" + name)
-    full = dsd.get_model_state_dict(model, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = dsd.get_model_state_dict(
+        model, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         cls = type(model)  # save_pretrained writes the hub's key layout only for transformers' own classes:
@@ -475,20 +664,27 @@ def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
         model.save_pretrained(tmp, state_dict=full)
         model.__class__ = cls
         processor.save_pretrained(tmp)
-        json.dump({"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)},
-                  open(os.path.join(tmp, "progress.json"), "w"), indent=1)
+        json.dump(
+            {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)},
+            open(os.path.join(tmp, "progress.json"), "w"),
+            indent=1,
+        )
     model_sd, optim_sd = dsd.get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})},
-             checkpoint_id=os.path.join(tmp, "train_state"))
+    dcp.save(
+        {"model": model_sd, "optim": optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})},
+        checkpoint_id=os.path.join(tmp, "train_state"),
+    )
     barrier()
     if rank == 0:
         os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
         link = os.path.join(args.out, "checkpoint")
         os.symlink(os.path.join("checkpoints", name), link + ".tmp")
         os.replace(link + ".tmp", link)
-        done = sorted((d for d in os.listdir(root) if not d.startswith(".")),
-                      key=lambda d: os.path.getmtime(os.path.join(root, d)))
-        for old in done[:-args.keep]:
+        done = sorted(
+            (d for d in os.listdir(root) if not d.startswith(".")),
+            key=lambda d: os.path.getmtime(os.path.join(root, d)),
+        )
+        for old in done[: -args.keep]:
             shutil.rmtree(os.path.join(root, old))
     barrier()
 
@@ -499,8 +695,11 @@ def resume(model, opt, sched, ref, args):
     model_sd, optim_sd = dsd.get_state_dict(model, opt)
     state = {"model": model_sd, "optim": optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})}
     # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"),
-             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(
+        state,
+        checkpoint_id=os.path.join(path, "train_state"),
+        planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+    )
     dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ref:
         dsd.set_model_state_dict(ref, state["ref"])
@@ -529,13 +728,21 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     model, processor, eos, banned = load_model(args)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
-    if args.freeze:  # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
-        for m in [model.model.visual] if args.freeze == "vision" else [model.model.language_model, model.lm_head]:
+    if (
+        args.freeze
+    ):  # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
+        for m in (
+            [model.model.visual] if args.freeze == "vision" else [model.model.language_model, model.lm_head]
+        ):
             m.requires_grad_(False)
     for m in filter(None, (model, ref)):
         shard(m, mesh, device) if mesh is not None else m.to(device)
     # Single GPU without torchrun: bf16 autocast over fp32 weights (FSDP's policy does this otherwise).
-    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and mesh is None else contextlib.nullcontext()
+    amp = (
+        torch.autocast("cuda", torch.bfloat16)
+        if device.type == "cuda" and mesh is None
+        else contextlib.nullcontext()
+    )
     eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
 
     def run_eval(name):  # protocol E on --eval-data, written to OUT/<name>.json
@@ -544,6 +751,7 @@ def main(argv=None):
         log(f"{name}: {json.dumps(report)}")
         if rank == 0:
             json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
+
     if args.eval:
         run_eval("eval")
         return barrier(finish=True)
@@ -557,15 +765,19 @@ def main(argv=None):
         open(metrics_path, "w").writelines(lines)
     metrics = open(metrics_path, "a" if progress else "w", buffering=1) if rank == 0 else None  # line-flushed
     record = (lambda stats: metrics.write(json.dumps(stats) + "\n")) if rank == 0 else (lambda stats: None)
-    log(f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
-        f"{world} rank(s), {device} -> {args.out}" + (f"; resuming after {at(progress)}" if progress else ""))
+    log(
+        f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
+        f"{world} rank(s), {device} -> {args.out}" + (f"; resuming after {at(progress)}" if progress else "")
+    )
     # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
     in_rl = progress and progress["phase"] == "rl"
     if (args.sft_epochs or args.sft_steps or args.sft_only) and not in_rl:
         sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args, processor)
         if missing := [i for i, ex in enumerate(sft_exs) if not (ex.get("solution") or ex.get("target"))]:
-            raise SystemExit(f"error: SFT data set {args.sft_data or args.data!r}, row {missing[0]}: no 'solution' "
-                             f"or assistant turn to learn from ({len(missing)} such rows)")
+            raise SystemExit(
+                f"error: SFT data set {args.sft_data or args.data!r}, row {missing[0]}: no 'solution' "
+                f"or assistant turn to learn from ({len(missing)} such rows)"
+            )
         sft(model, processor, sft_exs, args, banned, device, rank, world, log, record, amp, progress)
         if ref is not None:
             ref.load_state_dict(model.state_dict())
@@ -574,8 +786,9 @@ def main(argv=None):
     exs = load_examples_or_exit(args.data, "train", args, processor)
     P = args.prompts_per_step
     # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
-    stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations,
-                                        args.max_steps or args.epochs * (len(exs) // P))]
+    stages = parse_ptst(args.ptst) or [
+        (args.max_new_tokens, args.num_generations, args.max_steps or args.epochs * (len(exs) // P))
+    ]
     ends = list(itertools.accumulate(n for _, _, n in stages))
     steps = ends[-1]
     order = data_order(len(exs), steps * P, args.seed)
@@ -594,37 +807,57 @@ def main(argv=None):
         run_eval("eval_step0")
     for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
         t0 = time.time()
-        stage = bisect.bisect_left(ends, step)  # the same prompts per step in every stage; G and the cap change
+        stage = bisect.bisect_left(
+            ends, step
+        )  # the same prompts per step in every stage; G and the cap change
         args.max_new_tokens, args.num_generations = stages[stage][:2]
         G = args.num_generations
         if step == 1 or step == ends[stage - 1] + 1:
-            log(f"stage {stage + 1}: up to {args.max_new_tokens} new tokens, G = {G}, steps {step}-{ends[stage]}")
+            log(
+                f"stage {stage + 1}: up to {args.max_new_tokens} new tokens, G = {G}, steps {step}-{ends[stage]}"
+            )
         # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
         with amp:
-            batches = rollout(model, processor, mine, args, eos, banned, device,
-                              seed=args.seed + 1_000_003 * step + rank * P // world)
+            batches = rollout(
+                model,
+                processor,
+                mine,
+                args,
+                eos,
+                banned,
+                device,
+                seed=args.seed + 1_000_003 * step + rank * P // world,
+            )
         t1 = time.time()
         # ---- 2. reward (G1): sum of the variant's rewards; per-sample data stays aligned with its group (I8)
-        texts = [completion_text(t, args) for b in batches for t in processor.batch_decode(b["completion"], True)]
-        ex_of = [mine[j // G] for j in range(len(texts))]                   # I8: completion j answers prompt j // G
-        n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()        # completion lengths (G9)
-        per_fn = {name: torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
-                  for name, fn in reward_fns.items()}
-        r = sum(per_fn.values())                                                # (P_local*G,) G1
+        texts = [
+            completion_text(t, args) for b in batches for t in processor.batch_decode(b["completion"], True)
+        ]
+        ex_of = [mine[j // G] for j in range(len(texts))]  # I8: completion j answers prompt j // G
+        n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()  # completion lengths (G9)
+        per_fn = {
+            name: torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
+            for name, fn in reward_fns.items()
+        }
+        r = sum(per_fn.values())  # (P_local*G,) G1
         # ---- 3. advantage (G2), within each group
         A, frac_zero_std = group_advantages(r, G)
         t2 = time.time()
         # ---- 4. reference (G4) and old (G7) log-probs, no grad; split into micro-batches
         micro, a = [], 0
         for b in batches:
-            b["A"], a = A[a:a + len(b["completion"])], a + len(b["completion"])
+            b["A"], a = A[a : a + len(b["completion"])], a + len(b["completion"])
             micro += split(b, args.micro_batch)
         with torch.no_grad(), amp:
             for mb in micro:
-                mb["ref"] = token_logprobs(ref, mb, args.temperature, banned, device) if ref is not None else None
+                mb["ref"] = (
+                    token_logprobs(ref, mb, args.temperature, banned, device) if ref is not None else None
+                )
                 # mu = 1: pi_old is pi_theta itself, detached below; no extra forward (G7)
-                mb["old"] = token_logprobs(model, mb, args.temperature, banned, device) if args.mu > 1 else None
+                mb["old"] = (
+                    token_logprobs(model, mb, args.temperature, banned, device) if args.mu > 1 else None
+                )
         t3 = time.time()
         # ---- 5. policy update: mu epochs over the rollout batch (G5, G6)
         n_tokens = sum(mb["mask"].sum() for mb in micro).item()  # this rank's completion tokens
@@ -637,8 +870,10 @@ def main(argv=None):
                 mask = mb["mask"].to(device)
                 with amp:
                     logp = token_logprobs(model, mb, args.temperature, banned, device)  # (n, C)
-                old = logp.detach() if mb["old"] is None else mb["old"]          # G7: rho = 1 at mu = 1
-                L, D, clipped = grpo_objective(logp, old, mb["ref"], mb["A"].to(device), mask, args.beta, args.eps)
+                old = logp.detach() if mb["old"] is None else mb["old"]  # G7: rho = 1 at mu = 1
+                L, D, clipped = grpo_objective(
+                    logp, old, mb["ref"], mb["A"].to(device), mask, args.beta, args.eps
+                )
                 loss = -aggregate(L, mask, args.loss_agg) / denom
                 loss.backward()
                 loss_sum += loss.item()
@@ -649,26 +884,63 @@ def main(argv=None):
         sched.step()
         t4 = time.time()
         # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
-        stats = over_ranks({**{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()}, "reward": r.mean().item(),
-                            "reward_std": r.view(-1, G).std(1).mean().item(), "frac_zero_std": frac_zero_std,
-                            "completion_len": sum(n_tok) / len(n_tok), "kl": kl, "clip_frac": clip, "loss": loss_sum,
-                            "truncated_frac": torch.cat([b["truncated"] for b in batches]).float().mean().item(),
-                            "reflection_rate": sum(map(R.reflects, texts)) / len(texts)}, device)
-        stats.update(step=step, phase="rl", stage=stage + 1, max_new_tokens=args.max_new_tokens, num_generations=G,
-                     grad_norm=grad_norm, lr=lr, step_time=time.time() - t0, **{"time/rollout": t1 - t0, "time/reward":
-                     t2 - t1, "time/ref_old": t3 - t2, "time/update": t4 - t3}, completion_len_max=over_ranks(
-                     {"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"])
+        stats = over_ranks(
+            {
+                **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
+                "reward": r.mean().item(),
+                "reward_std": r.view(-1, G).std(1).mean().item(),
+                "frac_zero_std": frac_zero_std,
+                "completion_len": sum(n_tok) / len(n_tok),
+                "kl": kl,
+                "clip_frac": clip,
+                "loss": loss_sum,
+                "truncated_frac": torch.cat([b["truncated"] for b in batches]).float().mean().item(),
+                "reflection_rate": sum(map(R.reflects, texts)) / len(texts),
+            },
+            device,
+        )
+        stats.update(
+            step=step,
+            phase="rl",
+            stage=stage + 1,
+            max_new_tokens=args.max_new_tokens,
+            num_generations=G,
+            grad_norm=grad_norm,
+            lr=lr,
+            step_time=time.time() - t0,
+            **{
+                "time/rollout": t1 - t0,
+                "time/reward": t2 - t1,
+                "time/ref_old": t3 - t2,
+                "time/update": t4 - t3,
+            },
+            completion_len_max=over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"],
+        )
         record(stats)
         terms = " ".join(f"{k} {stats['rewards/' + k]:.3f}" for k in per_fn)
-        log(f"step {step}/{steps} | reward {stats['reward']:.3f} (std {stats['reward_std']:.2f}, zero-std "
+        log(
+            f"step {step}/{steps} | reward {stats['reward']:.3f} (std {stats['reward_std']:.2f}, zero-std "
             f"{stats['frac_zero_std']:.2f}) | {terms} | len {stats['completion_len']:.0f} (cut "
-            f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s")
+            f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s"
+        )
         if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
-            os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)  # where an "aha moment" is read
-            open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w").writelines(json.dumps(
-                {"question": ex["question"], "answer": ex["answer"], "completion": t, "tokens": n_tok[i],
-                 "rewards": {k: v[i].item() for k, v in per_fn.items()}, "advantage": A[i].item()}) + "\n"
-                for i, (t, ex) in enumerate(zip(texts, ex_of)))
+            os.makedirs(
+                os.path.join(args.out, "trajectories"), exist_ok=True
+            )  # where an "aha moment" is read
+            open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w").writelines(
+                json.dumps(
+                    {
+                        "question": ex["question"],
+                        "answer": ex["answer"],
+                        "completion": t,
+                        "tokens": n_tok[i],
+                        "rewards": {k: v[i].item() for k, v in per_fn.items()},
+                        "advantage": A[i].item(),
+                    }
+                )
+                + "\n"
+                for i, (t, ex) in enumerate(zip(texts, ex_of))
+            )
         # ---- 7. evaluate and checkpoint
         if args.eval_every and (step % args.eval_every == 0 or step == steps):
             run_eval(f"eval_step{step}")
@@ -694,7 +966,9 @@ def load_examples_or_exit(spec, which, args, processor=None):
         n = [encode(processor, [ex], args)["input_ids"].shape[1] if cap and processor else 0 for ex in exs]
         if long := [i for i, k in enumerate(n) if cap and k > cap]:
             if not args.skip_bad_rows:
-                raise data.BadRow(spec, exs[long[0]]["row"], "question", f"{n[long[0]]} tokens > --max-prompt-tokens")
+                raise data.BadRow(
+                    spec, exs[long[0]]["row"], "question", f"{n[long[0]]} tokens > --max-prompt-tokens"
+                )
             print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
         return [ex for ex, k in zip(exs, n) if not (cap and k > cap)]
     except ValueError as e:

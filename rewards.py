@@ -3,21 +3,28 @@ a P1 prompt opened put back), the data row `ex` (gold `answer`, lettered `choice
 token count; G1 sums them. Model output is hostile input: nothing here raises on any string or runs it as code
 (no eval, no sympy: numbers go through the small parser below), and every scan of it is linear in its length.
 """
+
 import math
 import re
+
 
 # --------------------------------------------------------------------------- answer extraction (R1)
 def last_tag(text, tag):
     """Contents of the last <tag>...</tag> (DOTALL), stripped; None if there is none."""
     end = text.rfind(f"</{tag}>")
     start = text.rfind(f"<{tag}>", 0, max(end, 0))
-    return None if end < 0 or start < 0 else text[start + len(tag) + 2:end].strip()
+    return None if end < 0 or start < 0 else text[start + len(tag) + 2 : end].strip()
 
 
 # --------------------------------------------------------------------------- answer equality (R1)
-NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven "
-                                           "twelve thirteen fourteen fifteen sixteen seventeen eighteen "
-                                           "nineteen twenty".split())}
+NUMBER_WORDS = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven "
+        "twelve thirteen fourteen fifteen sixteen seventeen eighteen "
+        "nineteen twenty".split()
+    )
+}
 
 
 def normalize(s):
@@ -39,8 +46,11 @@ def parse_number(s):
     if s in NUMBER_WORDS:
         return float(NUMBER_WORDS[s])
     s = re.sub(r"\\[dt]frac", r"\\frac", s.replace(" ", "")).replace("\\cdot", "*").replace("\\times", "*")
-    s = re.sub(r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$",
-               "", s)  # 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2: the number
+    s = re.sub(
+        r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$",
+        "",
+        s,
+    )  # 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2: the number
     if not s or len(s) > 100:
         return None
     toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)[::-1]  # a stack: next token last
@@ -94,7 +104,7 @@ def answers_equal(pred, gold):
     return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
 
 
-LETTER = re.compile(r"\(?([a-z])\)?[.:)]?")                   # "a", "(a)", "a.", "a)"
+LETTER = re.compile(r"\(?([a-z])\)?[.:)]?")  # "a", "(a)", "a.", "a)"
 LETTER_AND_TEXT = re.compile(r"\(?([a-z])[.:)]\s*(.{1,200})")  # "(a) left", "a. left"
 
 
@@ -123,8 +133,11 @@ def think_answer_format(text, ex=None, n_tokens=0):
     language as re.fullmatch of it (quadratic on hostile text), in linear time: the text starts with <think>,
     ends with </answer>, and between them stands '</think>', optional space, '<answer>'."""
     t = text.rstrip()
-    return float(t.startswith("<think>") and t.endswith("</answer>")
-                 and re.search(r"</think>\s*<answer>", t[len("<think>"):len(t) - len("</answer>")]) is not None)
+    return float(
+        t.startswith("<think>")
+        and t.endswith("</answer>")
+        and re.search(r"</think>\s*<answer>", t[len("<think>") : len(t) - len("</answer>")]) is not None
+    )
 
 
 def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
@@ -134,8 +147,10 @@ def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
 
 # --------------------------------------------------------------------------- StepGRPO (R1-VL)
 FINAL = "### The final answer is:"
-SECTION = re.compile(r"### (Image Description|Rationales|Let's think step by step\.?|Step (\d{1,6})|"
-                     r"The final answer is):")
+SECTION = re.compile(
+    r"### (Image Description|Rationales|Let's think step by step\.?|Step (\d{1,6})|"
+    r"The final answer is):"
+)
 
 
 def step_answer(text):
@@ -153,7 +168,11 @@ def step_accuracy(text, ex, n_tokens=0, alpha=0.1):
         return 0.0
     steps = ex.get("key_steps") or []
     reasoning = squash(text.rpartition(FINAL)[0])
-    k = sum(any(squash(f) and squash(f) in reasoning for f in forms) for forms in steps) / len(steps) if steps else 0.0
+    k = (
+        sum(any(squash(f) and squash(f) in reasoning for f in forms) for forms in steps) / len(steps)
+        if steps
+        else 0.0
+    )
     return float(is_correct(pred, ex)) + alpha * k
 
 
@@ -161,7 +180,9 @@ def step_validity(text, ex=None, n_tokens=0):
     """R5 StepRVR: 1 iff complete (description, rationale, >= 1 step, final answer all present) and logical
     (in that order, steps numbered 1..n consecutively, the final answer after the last step), else 0.
     '### Let's think step by step.' may stand between the rationale and step 1."""
-    kinds = [f"S{m.group(2)}" if m.group(2) else m.group(1)[0] for m in SECTION.finditer(text)]  # I R L S1.. T
+    kinds = [
+        f"S{m.group(2)}" if m.group(2) else m.group(1)[0] for m in SECTION.finditer(text)
+    ]  # I R L S1.. T
     kinds = kinds[:2] + kinds[3:] if kinds[2:3] == ["L"] else kinds
     n = len(kinds) - 3  # the steps
     return float(n >= 1 and kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])
@@ -176,15 +197,23 @@ def hard_format(text, ex, n_tokens=0):
     if not (t.startswith("<think>") and t.endswith("</answer>")) or any(t.count(tag) != 1 for tag in tags):
         return 0.0
     close, open_ = t.index("</think>"), t.index("<answer>")
-    return float(close < open_ and not t[close + 8:open_].strip() and is_correct(last_tag(t, "answer"), ex))
+    return float(close < open_ and not t[close + 8 : open_].strip() and is_correct(last_tag(t, "answer"), ex))
 
 
-REWARDS = {"accuracy": accuracy, "format": think_answer_format, "length": length_bonus,
-           "step_accuracy": step_accuracy, "step_validity": step_validity, "hard_format": hard_format}
+REWARDS = {
+    "accuracy": accuracy,
+    "format": think_answer_format,
+    "length": length_bonus,
+    "step_accuracy": step_accuracy,
+    "step_validity": step_validity,
+    "hard_format": hard_format,
+}
 
 # --------------------------------------------------------------------------- R7, a metric
-REFLECTION = re.compile(r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"
-                        r"on second thought|alternatively|double[- ]check)\b")
+REFLECTION = re.compile(
+    r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"
+    r"on second thought|alternatively|double[- ]check)\b"
+)
 
 
 def reflects(text):

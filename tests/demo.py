@@ -9,6 +9,7 @@
 
 Any flag of grpo_vl.py given to ./run.sh demo overrides the recipe below (e.g. --seed 1).
 """
+
 import json
 import os
 import sys
@@ -17,9 +18,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo_vl as g  # noqa: E402
 
-RECIPE = ["--variant", "r1zero", "--model", "tiny", "--sft-data", "synthetic", "--sft-steps", "400",
-          "--data", "synthetic::Color", "--eval-data", "synthetic:200:Color", "--max-steps", "250",
-          "--prompts-per-step", "8", "--lr", "2e-3", "--out", "runs/demo"]
+RECIPE = [
+    "--variant",
+    "r1zero",
+    "--model",
+    "tiny",
+    "--sft-data",
+    "synthetic",
+    "--sft-steps",
+    "400",
+    "--data",
+    "synthetic::Color",
+    "--eval-data",
+    "synthetic:200:Color",
+    "--max-steps",
+    "250",
+    "--prompts-per-step",
+    "8",
+    "--lr",
+    "2e-3",
+    "--out",
+    "runs/demo",
+]
 
 
 def main(argv):
@@ -32,8 +52,10 @@ def main(argv):
     print("| model | accuracy | format rate | mean completion length |\n|---|---|---|---|")
     for name, r in [("start of GRPO (after the SFT warm-up)", before), (f"after {steps} GRPO steps", after)]:
         print(f"| {name} | {r['accuracy']:.3f} | {r['format']:.3f} | {r['completion_len']:.1f} |")
-    print(f"\naccuracy {after['accuracy'] - before['accuracy']:+.3f}; logs in {args.out}/metrics.jsonl, "
-          f"sampled completions in {args.out}/trajectories/, the model in {args.out}/checkpoint")
+    print(
+        f"\naccuracy {after['accuracy'] - before['accuracy']:+.3f}; logs in {args.out}/metrics.jsonl, "
+        f"sampled completions in {args.out}/trajectories/, the model in {args.out}/checkpoint"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run under torchrun --nproc_per_node=2 by test_train.py: inside gathered() a rollout all-gathers each
 FSDP unit once, however many tokens it generates (so ranks that stop early never leave the others
 waiting), and sharded generation equals unsharded generation."""
+
 import os
 import sys
 
@@ -31,7 +32,7 @@ args = g.parse_args(["--model", "tiny", "--max-new-tokens", "3" if rank == 0 els
 model, processor, eos, banned = g.load_model(args)
 plain = g.build_tiny(args.seed)[0].eval()
 g.shard(model, init_device_mesh("cpu", (2,)), torch.device("cpu"))
-b = g.encode(processor, data.load_examples("synthetic:4", "train")[rank:rank + 2], args)
+b = g.encode(processor, data.load_examples("synthetic:4", "train")[rank : rank + 2], args)
 inputs = {k: b[k] for k in g.MODEL_KEYS}
 units = sum(isinstance(m, FSDPModule) for m in model.modules())
 all_gathers[0] = 0
@@ -44,6 +45,9 @@ dist.barrier()
 torch.manual_seed(rank)
 reference = plain.generate(**inputs, **g.sampling(args, banned))
 assert torch.equal(sharded, reference), (sharded, reference)
-print(f"rank {rank}: generated {sharded.shape[1] - b['input_ids'].shape[1]} tokens, equal to unsharded", flush=True)
+print(
+    f"rank {rank}: generated {sharded.shape[1] - b['input_ids'].shape[1]} tokens, equal to unsharded",
+    flush=True,
+)
 dist.barrier()
 dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """Schema D adapters on local files, bad rows, prompts P1/P2, and the synthetic task."""
+
 import io
 
 import pytest
@@ -16,6 +17,7 @@ def png(color=(255, 0, 0), size=(60, 40)):
 
 def write_parquet(tmp_path, columns, name="d.parquet"):
     import datasets
+
     path = str(tmp_path / name)
     datasets.Dataset.from_dict(columns).to_parquet(path)
     return path
@@ -27,7 +29,9 @@ def test_synthetic_is_deterministic_and_in_cvbench_schema():
     assert [r["task"] for r in a[:4]] == ["Count", "Relation", "Depth", "Distance"]
     for r in a:
         letter = r["answer"].strip("()")
-        assert r["answer"] == f"({letter})" and f"({letter}) {r['choices']['ABCD'.index(letter)]}" in r["prompt"]
+        assert (
+            r["answer"] == f"({letter})" and f"({letter}) {r['choices']['ABCD'.index(letter)]}" in r["prompt"]
+        )
         assert r["source"] in ("ADE20K", "COCO", "Omni3D") and r["type"] in ("2D", "3D")
     train, test = load_examples("synthetic:8", "train"), load_examples("synthetic:8", "test")
     assert [e["question"] for e in train] != [e["question"] for e in test]  # held-out split
@@ -44,7 +48,9 @@ def test_synthetic_relation_answers_are_right():
     for r in synthetic_rows(200, 5):
         if r["task"] != "Relation":
             continue
-        (c1, _), (c2, _) = [n.split() for n in r["question"][7:].split(" to the left or to the right of the ")]
+        (c1, _), (c2, _) = [
+            n.split() for n in r["question"][7:].split(" to the left or to the right of the ")
+        ]
         c2 = c2.rstrip("?")
         if c1 == c2:
             continue
@@ -63,13 +69,18 @@ def test_synthetic_color_answers_are_the_shapes_colour_with_choices_in_one_order
         counts = {rgb: n for n, rgb in r["image"].getcolors(1 << 16)}
         pixels = {c: counts.get(rgb, 0) for c, rgb in data.COLORS.items()}
         gold = r["choices"]["ABCD".index(r["answer"][1])]
-        assert max(pixels, key=pixels.get) == gold and pixels[gold] > 0.1 * r["image"].width * r["image"].height
+        assert (
+            max(pixels, key=pixels.get) == gold and pixels[gold] > 0.1 * r["image"].width * r["image"].height
+        )
         assert sum(v > 0 for v in pixels.values()) == 1  # one shape, no distractor
     assert len({r["answer"] for r in rows}) == 4  # every colour occurs
 
 
 def test_synthetic_spec_picks_size_and_tasks():
-    assert [e["task"] for e in load_examples("synthetic:5:Color,Depth", "train")] == ["Color", "Depth"] * 2 + ["Color"]
+    assert [e["task"] for e in load_examples("synthetic:5:Color,Depth", "train")] == [
+        "Color",
+        "Depth",
+    ] * 2 + ["Color"]
     assert len(load_examples("synthetic::Color", "train")) == 2000
     default = load_examples("synthetic:4", "train")
     assert [e["question"] for e in default] == [r["prompt"] for r in synthetic_rows(4, 0)]
@@ -78,37 +89,79 @@ def test_synthetic_spec_picks_size_and_tasks():
 
 
 def test_cvbench_adapter_on_a_local_parquet(tmp_path):
-    path = write_parquet(tmp_path, {
-        "image": [{"bytes": png(), "path": None}] * 2, "prompt": ["How many? (A) 1 (B) 2", "Where? (A) left (B) right"],
-        "question": ["How many?", "Where?"], "choices": [["1", "2"], ["left", "right"]], "answer": ["(B)", "(A)"],
-        "task": ["Count", "Relation"], "source": ["COCO", "ADE20K"], "type": ["2D", "2D"]})
+    path = write_parquet(
+        tmp_path,
+        {
+            "image": [{"bytes": png(), "path": None}] * 2,
+            "prompt": ["How many? (A) 1 (B) 2", "Where? (A) left (B) right"],
+            "question": ["How many?", "Where?"],
+            "choices": [["1", "2"], ["left", "right"]],
+            "answer": ["(B)", "(A)"],
+            "task": ["Count", "Relation"],
+            "source": ["COCO", "ADE20K"],
+            "type": ["2D", "2D"],
+        },
+    )
     exs = load_examples(path, "test")
     assert [e["answer"] for e in exs] == ["2", "left"] and exs[0]["choices"] == ["1", "2"]
     assert exs[0]["task"] == "Count" and exs[0]["question"] == "How many? (A) 1 (B) 2"
 
 
 def test_sat_adapter_keeps_single_image_rows_and_shuffles_options(tmp_path, capsys):
-    path = write_parquet(tmp_path, {
-        "image_bytes": [[png()], [png(), png()], [png()]], "question": ["Which is nearer?"] * 3,
-        "answers": [["the chair", "the table"], ["a", "b"], ["up", "down", "left"]],
-        "correct_answer": ["the chair", "a", "left"]})
+    path = write_parquet(
+        tmp_path,
+        {
+            "image_bytes": [[png()], [png(), png()], [png()]],
+            "question": ["Which is nearer?"] * 3,
+            "answers": [["the chair", "the table"], ["a", "b"], ["up", "down", "left"]],
+            "correct_answer": ["the chair", "a", "left"],
+        },
+    )
     exs = load_examples(path, "train", seed=0)
     assert len(exs) == 2 and "left out 1 multi-image rows" in capsys.readouterr().out
     assert exs[0]["answer"] == "the chair" and exs[0]["choices"] is None
     assert exs[1]["question"].startswith("Which is nearer? Choose between the following options: ")
-    assert sorted(exs[1]["question"].split(": ")[1].replace(" or ", ", ").split(", ")) == ["down", "left", "up"]
+    assert sorted(exs[1]["question"].split(": ")[1].replace(" or ", ", ").split(", ")) == [
+        "down",
+        "left",
+        "up",
+    ]
     assert isinstance(data.open_image(exs[0]["images"][0]), Image.Image)
 
 
-@pytest.mark.parametrize("columns,where", [
-    ({"image": [{"bytes": png(), "path": None}, None], "prompt": ["q", "q"], "choices": [["a", "b"]] * 2,
-      "answer": ["(A)", "(A)"]}, "row 1, column 'image'"),
-    ({"image": [{"bytes": png(), "path": None}] * 2, "prompt": ["q", "q"], "choices": [["a", "b"]] * 2,
-      "answer": ["(A)", "(E)"]}, "row 1, column 'answer'"),
-    ({"image_bytes": [[png()], [png()]], "question": ["q", "q"], "answers": [["a", "b"]] * 2,
-      "correct_answer": ["a", ""]}, "row 1, column 'correct_answer'"),
-    ({"picture": [1], "text": ["x"]}, "match no known schema"),
-])
+@pytest.mark.parametrize(
+    "columns,where",
+    [
+        (
+            {
+                "image": [{"bytes": png(), "path": None}, None],
+                "prompt": ["q", "q"],
+                "choices": [["a", "b"]] * 2,
+                "answer": ["(A)", "(A)"],
+            },
+            "row 1, column 'image'",
+        ),
+        (
+            {
+                "image": [{"bytes": png(), "path": None}] * 2,
+                "prompt": ["q", "q"],
+                "choices": [["a", "b"]] * 2,
+                "answer": ["(A)", "(E)"],
+            },
+            "row 1, column 'answer'",
+        ),
+        (
+            {
+                "image_bytes": [[png()], [png()]],
+                "question": ["q", "q"],
+                "answers": [["a", "b"]] * 2,
+                "correct_answer": ["a", ""],
+            },
+            "row 1, column 'correct_answer'",
+        ),
+        ({"picture": [1], "text": ["x"]}, "match no known schema"),
+    ],
+)
 def test_bad_rows_name_data_set_row_and_column(tmp_path, columns, where):
     path = write_parquet(tmp_path, columns)
     with pytest.raises(ValueError, match=where) as e:
@@ -120,20 +173,30 @@ def test_prompts_p1_and_p2(tiny, examples):
     _, processor, _, _ = tiny
     ex = examples[0]
     p1 = data.prompt_text(ex, "base", processor)
-    assert p1.startswith("<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant.")
+    assert p1.startswith(
+        "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant."
+    )
     assert p1.endswith(f"User: {ex['question']} \nAssistant: Let me solve this step by step.\n<think>")
     p2 = data.prompt_text(ex, "instruct", processor)
     assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" in p2
-    assert (ex["question"] + "  Output the thinking process in <think> </think> and final answer (option) in "
-            "<answer> </answer> tags.") in p2 and p2.endswith("<|im_start|>assistant\n")
+    assert (
+        ex["question"] + "  Output the thinking process in <think> </think> and final answer (option) in "
+        "<answer> </answer> tags."
+    ) in p2 and p2.endswith("<|im_start|>assistant\n")
 
 
 def test_corrupt_embedded_image_names_its_row(tmp_path):
     import datasets
+
     path = str(tmp_path / "cv.parquet")
-    datasets.Dataset.from_dict({"image": [{"bytes": png(), "path": None}, {"bytes": b"garbage", "path": None}],
-                                "prompt": ["q", "q"], "choices": [["a", "b"]] * 2, "answer": ["(A)", "(B)"]}
-                               ).cast_column("image", datasets.Image()).to_parquet(path)
+    datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": png(), "path": None}, {"bytes": b"garbage", "path": None}],
+            "prompt": ["q", "q"],
+            "choices": [["a", "b"]] * 2,
+            "answer": ["(A)", "(B)"],
+        }
+    ).cast_column("image", datasets.Image()).to_parquet(path)
     with pytest.raises(ValueError, match="row 1, column 'image': unreadable image"):
         load_examples(path, "test")
     assert len(load_examples(path, "test", skip_bad=True)) == 1

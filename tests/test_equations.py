@@ -1,4 +1,5 @@
 """Each equation of RECIPES §G pinned to numbers computed by hand."""
+
 import math
 
 import torch
@@ -68,8 +69,8 @@ def test_g7_mu1_loss_is_beta_kl_but_gradient_is_not_zero():
 def test_g6_sequence_mean_weights_short_answers_more():
     L = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
-    assert aggregate(L, mask, "seq").item() == 1.0 + 4.0   # (4/4) + (4/1)
-    assert aggregate(L, mask, "token").item() == 8.0        # divided by 5 tokens later
+    assert aggregate(L, mask, "seq").item() == 1.0 + 4.0  # (4/4) + (4/1)
+    assert aggregate(L, mask, "token").item() == 8.0  # divided by 5 tokens later
 
 
 def test_g9_mask_up_to_and_including_first_eos():

@@ -1,5 +1,6 @@
 """The tiny Qwen2-VL: scoring log-probs equal sampling log-probs (G8), batching of images (I3), banned
 vision tokens (I5), loading from a saved folder."""
+
 import torch
 
 import data
@@ -11,9 +12,13 @@ def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0):
     args = g.parse_args(["--model", "tiny", "--temperature", str(T), "--max-new-tokens", str(max_new)])
     b = g.take(g.encode(processor, exs, args), torch.arange(len(exs)).repeat_interleave(G))
     torch.manual_seed(seed)
-    out = model.generate(**{k: b[k] for k in g.MODEL_KEYS}, **g.sampling(args, banned), output_scores=True,
-                         return_dict_in_generate=True)
-    b["completion"] = out.sequences[:, b["input_ids"].shape[1]:]
+    out = model.generate(
+        **{k: b[k] for k in g.MODEL_KEYS},
+        **g.sampling(args, banned),
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    b["completion"] = out.sequences[:, b["input_ids"].shape[1] :]
     b["mask"], b["truncated"] = g.completion_mask(b["completion"], eos)
     return b, torch.stack(out.scores, 1), args
 
@@ -73,8 +78,11 @@ def test_i3_take_slices_pixel_values_per_sample(tiny, examples):
         together = g.token_logprobs(model, b, 0.7, banned, torch.device("cpu"))
         for row in (1, 4):
             one = g.take(b, [row])
-            assert torch.allclose(g.token_logprobs(model, one, 0.7, banned, torch.device("cpu"))[0][one["mask"][0].bool()],
-                                  together[row][b["mask"][row].bool()], atol=2e-4)
+            assert torch.allclose(
+                g.token_logprobs(model, one, 0.7, banned, torch.device("cpu"))[0][one["mask"][0].bool()],
+                together[row][b["mask"][row].bool()],
+                atol=2e-4,
+            )
 
 
 def test_from_pretrained_on_a_saved_folder(tiny, examples, tmp_path):
@@ -85,8 +93,16 @@ def test_from_pretrained_on_a_saved_folder(tiny, examples, tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     # what Qwen2-VL-Instruct ships (near-greedy sampling), plus a setting our generate() call does not name
-    GenerationConfig(do_sample=True, top_k=1, top_p=0.001, temperature=0.01, repetition_penalty=1.05, min_p=0.9,
-                     eos_token_id=0, pad_token_id=0).save_pretrained(tmp_path)
+    GenerationConfig(
+        do_sample=True,
+        top_k=1,
+        top_p=0.001,
+        temperature=0.01,
+        repetition_penalty=1.05,
+        min_p=0.9,
+        eos_token_id=0,
+        pad_token_id=0,
+    ).save_pretrained(tmp_path)
     loaded, proc2, eos, banned = g.load_model(g.parse_args(["--model", str(tmp_path)]))
     assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -107,4 +123,6 @@ def test_tiny_is_deterministic_for_a_seed():
     b, _ = g.build_tiny(seed=3)
     c, _ = g.build_tiny(seed=4)
     p = "model.language_model.layers.0.mlp.up_proj.weight"
-    assert torch.equal(a.state_dict()[p], b.state_dict()[p]) and not torch.equal(a.state_dict()[p], c.state_dict()[p])
+    assert torch.equal(a.state_dict()[p], b.state_dict()[p]) and not torch.equal(
+        a.state_dict()[p], c.state_dict()[p]
+    )

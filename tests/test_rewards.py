@@ -1,4 +1,5 @@
 """R1, R2, R3 and the R7 metric on written-out completions, hostile ones included."""
+
 import random
 import re
 import time
@@ -7,61 +8,79 @@ import pytest
 
 import rewards as R
 
-MC = {"answer": "left", "choices": ["left", "right"]}          # CV-Bench style: (A) left (B) right
-COUNT = {"answer": "3", "choices": ["5", "3", "0", "1"]}        # (B) is right
+MC = {"answer": "left", "choices": ["left", "right"]}  # CV-Bench style: (A) left (B) right
+COUNT = {"answer": "3", "choices": ["5", "3", "0", "1"]}  # (B) is right
 SAT = {"answer": "the red chair", "choices": None}
 
 
-@pytest.mark.parametrize("text,ex,expected", [
-    ("<think>it is on the left</think><answer>(A)</answer>", MC, 1.0),
-    ("<think>x</think><answer>A</answer>", MC, 1.0),
-    ("<think>x</think><answer>A.</answer>", MC, 1.0),
-    ("<think>x</think><answer> left </answer>", MC, 1.0),
-    ("<think>x</think><answer>(A) left</answer>", MC, 1.0),
-    ("<think>x</think><answer>Left.</answer>", MC, 1.0),
-    ("<think>x</think><answer>(B)</answer>", MC, 0.0),
-    ("<think>x</think><answer>(A) right</answer>", MC, 0.0),          # letter and text disagree
-    ("<think>x</think><answer>C</answer>", MC, 0.0),                  # no such option
-    ("<think>x</think><answer>B</answer>", COUNT, 1.0),
-    ("<think>x</think><answer>three</answer>", COUNT, 1.0),
-    ("<think>x</think><answer>3.0</answer>", COUNT, 1.0),
-    ("<think>x</think><answer>$\\boxed{3}$</answer>", COUNT, 1.0),
-    ("<think>x</think><answer>4</answer>", COUNT, 0.0),
-    ("<think>the answer is left</think>", MC, 0.0),                   # no answer tag: nothing to credit
-    ("<think>3 3 3</think><answer>5</answer>", COUNT, 0.0),            # stray numbers in reasoning don't count
-    ("<answer>(B)</answer> then <answer>(A)</answer>", MC, 1.0),      # the last answer tag counts
-    ("<answer>(A)</answer> then <answer>(B)</answer>", MC, 0.0),
-    ("<answer>The red chair</answer>", SAT, 1.0),
-    ("<answer>A</answer>", SAT, 0.0),                                  # no lettered choices to map to
-    ("<answer>the red chair.</answer>", SAT, 1.0),
-])
+@pytest.mark.parametrize(
+    "text,ex,expected",
+    [
+        ("<think>it is on the left</think><answer>(A)</answer>", MC, 1.0),
+        ("<think>x</think><answer>A</answer>", MC, 1.0),
+        ("<think>x</think><answer>A.</answer>", MC, 1.0),
+        ("<think>x</think><answer> left </answer>", MC, 1.0),
+        ("<think>x</think><answer>(A) left</answer>", MC, 1.0),
+        ("<think>x</think><answer>Left.</answer>", MC, 1.0),
+        ("<think>x</think><answer>(B)</answer>", MC, 0.0),
+        ("<think>x</think><answer>(A) right</answer>", MC, 0.0),  # letter and text disagree
+        ("<think>x</think><answer>C</answer>", MC, 0.0),  # no such option
+        ("<think>x</think><answer>B</answer>", COUNT, 1.0),
+        ("<think>x</think><answer>three</answer>", COUNT, 1.0),
+        ("<think>x</think><answer>3.0</answer>", COUNT, 1.0),
+        ("<think>x</think><answer>$\\boxed{3}$</answer>", COUNT, 1.0),
+        ("<think>x</think><answer>4</answer>", COUNT, 0.0),
+        ("<think>the answer is left</think>", MC, 0.0),  # no answer tag: nothing to credit
+        ("<think>3 3 3</think><answer>5</answer>", COUNT, 0.0),  # stray numbers in reasoning don't count
+        ("<answer>(B)</answer> then <answer>(A)</answer>", MC, 1.0),  # the last answer tag counts
+        ("<answer>(A)</answer> then <answer>(B)</answer>", MC, 0.0),
+        ("<answer>The red chair</answer>", SAT, 1.0),
+        ("<answer>A</answer>", SAT, 0.0),  # no lettered choices to map to
+        ("<answer>the red chair.</answer>", SAT, 1.0),
+    ],
+)
 def test_r1_accuracy(text, ex, expected):
     assert R.accuracy(text, ex) == expected
 
 
-@pytest.mark.parametrize("a,b,equal", [
-    ("\\frac{1}{2}", "0.5", True), ("1/2", "0.5", True), ("\\dfrac{3}{4}", "0.75", True),
-    ("\\sqrt{4}", "2", True), ("2\\sqrt{3}", "\\sqrt{12}", True), ("$7$", "7", True),
-    ("30°", "30", True), ("2", "3", False), ("1/0", "0", False), ("\\frac{1}{0}", "inf", False),
-    ("__import__('os').system('echo hi')", "0", False), ("9**9**9**9", "0", False),
-    ("2^{1000000}", "0", False), ("\\sqrt{-1}", "0", False),
-])
+@pytest.mark.parametrize(
+    "a,b,equal",
+    [
+        ("\\frac{1}{2}", "0.5", True),
+        ("1/2", "0.5", True),
+        ("\\dfrac{3}{4}", "0.75", True),
+        ("\\sqrt{4}", "2", True),
+        ("2\\sqrt{3}", "\\sqrt{12}", True),
+        ("$7$", "7", True),
+        ("30°", "30", True),
+        ("2", "3", False),
+        ("1/0", "0", False),
+        ("\\frac{1}{0}", "inf", False),
+        ("__import__('os').system('echo hi')", "0", False),
+        ("9**9**9**9", "0", False),
+        ("2^{1000000}", "0", False),
+        ("\\sqrt{-1}", "0", False),
+    ],
+)
 def test_r1_number_equality(a, b, equal):
     assert R.answers_equal(a, b) is equal
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("<think>reasoning</think><answer>A</answer>", 1.0),
-    ("<think>reasoning</think>\n\n<answer>A</answer>\n", 1.0),
-    ("<think>\nmulti\nline\n</think> <answer>\nA\n</answer>", 1.0),
-    ("<think>reasoning</think><answer>A</answer> and more", 0.0),      # text after </answer>
-    ("<think>reasoning</think>junk<answer>A</answer>", 0.0),           # text between the blocks
-    ("<answer>A</answer>", 0.0),                                        # no think
-    ("<think>reasoning</think>", 0.0),                                  # no answer
-    (" <think>r</think><answer>A</answer>", 0.0),                       # must start with <think>
-    ("<think>a</think>x</think><answer>b</answer>", 1.0),               # as re.fullmatch: .*? may span
-    ("", 0.0),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<think>reasoning</think><answer>A</answer>", 1.0),
+        ("<think>reasoning</think>\n\n<answer>A</answer>\n", 1.0),
+        ("<think>\nmulti\nline\n</think> <answer>\nA\n</answer>", 1.0),
+        ("<think>reasoning</think><answer>A</answer> and more", 0.0),  # text after </answer>
+        ("<think>reasoning</think>junk<answer>A</answer>", 0.0),  # text between the blocks
+        ("<answer>A</answer>", 0.0),  # no think
+        ("<think>reasoning</think>", 0.0),  # no answer
+        (" <think>r</think><answer>A</answer>", 0.0),  # must start with <think>
+        ("<think>a</think>x</think><answer>b</answer>", 1.0),  # as re.fullmatch: .*? may span
+        ("", 0.0),
+    ],
+)
 def test_r2_format(text, expected):
     assert R.think_answer_format(text) == expected
 
@@ -88,13 +107,21 @@ def test_r7_reflection():
 
 
 HOSTILE = [
-    "<answer>" * 20000, "</answer>" * 20000, "<think>" + "</think>" * 20000 + "<answer>x",
-    "<think>" + " " * 100000 + "</think>" + "\t" * 100000, "(" * 50000 + ")" * 50000,
-    "<think>" + "</think> " * 50000 + "</answer>", "<think>" + ("</think>" + " " * 50) * 20000 + "</answer>",
-    "<answer>" + "{" * 5000 + "}" * 5000 + "</answer>", "<answer>\\frac{" * 3000 + "</answer>",
-    "<answer>__import__('os').system('touch /tmp/pwned')</answer>", "\x00\xff\ud800" * 1000,
-    "<answer>" + "1" * 5000 + "</answer>", "<answer>" + "\\sqrt{" * 40 + "2" + "}" * 40 + "</answer>",
-    "<answer>" + "$" * 10000 + "</answer>", "a" * 1_000_000,
+    "<answer>" * 20000,
+    "</answer>" * 20000,
+    "<think>" + "</think>" * 20000 + "<answer>x",
+    "<think>" + " " * 100000 + "</think>" + "\t" * 100000,
+    "(" * 50000 + ")" * 50000,
+    "<think>" + "</think> " * 50000 + "</answer>",
+    "<think>" + ("</think>" + " " * 50) * 20000 + "</answer>",
+    "<answer>" + "{" * 5000 + "}" * 5000 + "</answer>",
+    "<answer>\\frac{" * 3000 + "</answer>",
+    "<answer>__import__('os').system('touch /tmp/pwned')</answer>",
+    "\x00\xff\ud800" * 1000,
+    "<answer>" + "1" * 5000 + "</answer>",
+    "<answer>" + "\\sqrt{" * 40 + "2" + "}" * 40 + "</answer>",
+    "<answer>" + "$" * 10000 + "</answer>",
+    "a" * 1_000_000,
 ]
 
 

@@ -1,5 +1,6 @@
 """StepGRPO (R1-VL): R4 StepRAR and R5 StepRVR on written-out completions, the warm-up SFT phase, the
 step-wise and chat data schemas, and the whole stepgrpo pipeline on the tiny model."""
+
 import json
 import math
 import os
@@ -13,14 +14,19 @@ import data
 import grpo_vl as g
 import rewards as R
 
-EX = {"answer": "2", "choices": None,
-      "key_steps": [["6/3 = 2", "\\frac{6}{3}=2", "6 divided by 3 is 2"], ["area is 12", "area = 12"]]}
+EX = {
+    "answer": "2",
+    "choices": None,
+    "key_steps": [["6/3 = 2", "\\frac{6}{3}=2", "6 divided by 3 is 2"], ["area is 12", "area = 12"]],
+}
 
 
 def steps(*body, answer="2", desc=True, rat=True, lets=True):
-    parts = (["### Image Description:\nA rectangle 4 by 3."] if desc else []) + \
-            (["### Rationales:\nCompute the area, then divide."] if rat else []) + \
-            (["### Let's think step by step."] if lets else [])
+    parts = (
+        (["### Image Description:\nA rectangle 4 by 3."] if desc else [])
+        + (["### Rationales:\nCompute the area, then divide."] if rat else [])
+        + (["### Let's think step by step."] if lets else [])
+    )
     parts += [f"### Step {i}:\n{b}" for i, b in enumerate(body, 1)]
     return "\n".join(parts + ([f"### The final answer is: {answer}"] if answer is not None else []))
 
@@ -29,16 +35,22 @@ FULL = steps("The area is 12.", "Then 6/3 = 2.")
 HALF = steps("The area is 13.", "Then 6/3 = 2.")
 
 
-@pytest.mark.parametrize("text,expected", [
-    (FULL, 1 + 0.1 * 1.0),                                            # correct, all key steps
-    (HALF, 1 + 0.1 * 0.5),                                            # correct, half the key steps
-    (steps("The area is 12.", "6/3 = 2", answer="3"), 0.1 * 1.0),     # answered but wrong
-    (steps("The area is 12.", "6/3 = 2", answer=None), 0.0),          # no answer at all
-    (steps("Six divided by three... 6 DIVIDED   by\n3 is 2."), 1 + 0.1 * 0.5),   # case and whitespace
-    (steps("we get \\frac{6}{3} = 2 and AREA=12"), 1 + 0.1 * 1.0),   # equivalent surface forms
-    (steps("x", answer="\\boxed{2}"), 1.0),                           # R1's equality on the answer
-    (FULL.replace("The area is 12.", "") + "\n(area is 12 after the answer)", 1 + 0.1 * 0.5),  # reasoning only
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (FULL, 1 + 0.1 * 1.0),  # correct, all key steps
+        (HALF, 1 + 0.1 * 0.5),  # correct, half the key steps
+        (steps("The area is 12.", "6/3 = 2", answer="3"), 0.1 * 1.0),  # answered but wrong
+        (steps("The area is 12.", "6/3 = 2", answer=None), 0.0),  # no answer at all
+        (steps("Six divided by three... 6 DIVIDED   by\n3 is 2."), 1 + 0.1 * 0.5),  # case and whitespace
+        (steps("we get \\frac{6}{3} = 2 and AREA=12"), 1 + 0.1 * 1.0),  # equivalent surface forms
+        (steps("x", answer="\\boxed{2}"), 1.0),  # R1's equality on the answer
+        (
+            FULL.replace("The area is 12.", "") + "\n(area is 12 after the answer)",
+            1 + 0.1 * 0.5,
+        ),  # reasoning only
+    ],
+)
 def test_r4_step_rar(text, expected):
     assert R.step_accuracy(text, EX) == pytest.approx(expected)
 
@@ -48,26 +60,44 @@ def test_r4_rows_without_key_steps_still_reward_the_outcome():
     assert R.step_accuracy(FULL, EX, alpha=0.5) == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("text,expected", [
-    (FULL, 1.0),
-    (steps("a", "b", "c", lets=False), 1.0),                           # "Let's think" is optional
-    (steps("a", desc=False), 0.0),                                     # no description
-    (steps("a", rat=False), 0.0),                                      # no rationale
-    (steps(), 0.0),                                                    # no step
-    (steps("a", answer=None), 0.0),                                    # no final answer
-    (FULL.replace("### Step 2:", "### Step 3:"), 0.0),                 # numbering skips
-    (FULL.replace("### Step 1:", "### Step 0:"), 0.0),                 # does not start at 1
-    ("### Rationales:\nr\n### Image Description:\nd\n### Step 1:\na\n### The final answer is: 2", 0.0),  # order
-    (steps("a", "b").replace("### Step 2:\nb\n### The final answer is: 2",
-                             "### The final answer is: 2\n### Step 2:\nb"), 0.0),      # answer before last step
-    (FULL + "\n### The final answer is: 3", 0.0),                      # two final answers
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (FULL, 1.0),
+        (steps("a", "b", "c", lets=False), 1.0),  # "Let's think" is optional
+        (steps("a", desc=False), 0.0),  # no description
+        (steps("a", rat=False), 0.0),  # no rationale
+        (steps(), 0.0),  # no step
+        (steps("a", answer=None), 0.0),  # no final answer
+        (FULL.replace("### Step 2:", "### Step 3:"), 0.0),  # numbering skips
+        (FULL.replace("### Step 1:", "### Step 0:"), 0.0),  # does not start at 1
+        (
+            "### Rationales:\nr\n### Image Description:\nd\n### Step 1:\na\n### The final answer is: 2",
+            0.0,
+        ),  # order
+        (
+            steps("a", "b").replace(
+                "### Step 2:\nb\n### The final answer is: 2", "### The final answer is: 2\n### Step 2:\nb"
+            ),
+            0.0,
+        ),  # answer before last step
+        (FULL + "\n### The final answer is: 3", 0.0),  # two final answers
+    ],
+)
 def test_r5_step_rvr(text, expected):
     assert R.step_validity(text) == expected
 
 
-@pytest.mark.parametrize("text", ["### Step 1:" * 50000, "### " * 200000, "### The final answer is:" * 30000,
-                                  "\x00\ud800" * 10000 + FULL, "a" * 1_000_000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "### Step 1:" * 50000,
+        "### " * 200000,
+        "### The final answer is:" * 30000,
+        "\x00\ud800" * 10000 + FULL,
+        "a" * 1_000_000,
+    ],
+)
 def test_step_rewards_on_hostile_text(text):
     assert R.step_accuracy(text, EX) in (0.0, 0.1, 0.05, 1.0, 1.05, 1.1)
     assert R.step_validity(text) in (0.0, 1.0)
@@ -82,7 +112,9 @@ def test_sft_batch_masks_exactly_the_prompt_and_image_tokens(tiny, examples):
     b = g.sft_batch(processor, exs, args)
     tok = processor.tokenizer
     for i, ex in enumerate(exs):
-        target = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        target = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [
+            tok.convert_tokens_to_ids("<|im_end|>")
+        ]
         n = int(b["mask"][i].sum())
         assert b["completion"][i, :n].tolist() == target and n == len(target)
         assert (b["completion"][i, n:] == tok.pad_token_id).all()
@@ -92,20 +124,38 @@ def test_sft_batch_masks_exactly_the_prompt_and_image_tokens(tiny, examples):
     with torch.no_grad():
         logp = g.token_logprobs(model, b, 1.0, [], torch.device("cpu"))
         full = torch.cat([b["input_ids"], b["completion"]], 1)
-        out = model(input_ids=full, attention_mask=torch.cat([b["attention_mask"], b["mask"].long()], 1),
-                    mm_token_type_ids=torch.cat([b["mm_token_type_ids"], torch.zeros_like(b["completion"])], 1),
-                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+        out = model(
+            input_ids=full,
+            attention_mask=torch.cat([b["attention_mask"], b["mask"].long()], 1),
+            mm_token_type_ids=torch.cat([b["mm_token_type_ids"], torch.zeros_like(b["completion"])], 1),
+            pixel_values=b["pixel_values"],
+            image_grid_thw=b["image_grid_thw"],
+        )
         L = b["input_ids"].shape[1]
-        by_hand = torch.nn.functional.cross_entropy(out.logits[:, L - 1:-1].transpose(1, 2), b["completion"],
-                                                    reduction="none")
+        by_hand = torch.nn.functional.cross_entropy(
+            out.logits[:, L - 1 : -1].transpose(1, 2), b["completion"], reduction="none"
+        )
     m = b["mask"].bool()
     assert torch.allclose(-logp[m], by_hand[m], atol=1e-4)
 
 
 def test_sft_lowers_the_loss(tmp_path):
     out = str(tmp_path / "sft")
-    g.main(["--variant", "stepgrpo", "--model", "tiny", "--data", "synthetic:64", "--sft-steps", "12",
-            "--sft-only", "--out", out])
+    g.main(
+        [
+            "--variant",
+            "stepgrpo",
+            "--model",
+            "tiny",
+            "--data",
+            "synthetic:64",
+            "--sft-steps",
+            "12",
+            "--sft-only",
+            "--out",
+            out,
+        ]
+    )
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["phase"] for r in rows] == ["sft"] * 12 and [r["step"] for r in rows] == list(range(1, 13))
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
@@ -118,13 +168,38 @@ def test_sft_lowers_the_loss(tmp_path):
 def test_stepgrpo_sft_then_rl_on_the_tiny_model(tmp_path):
     out = str(tmp_path / "s")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "grpo_vl.py", "--variant", "stepgrpo", "--model", "tiny", "--data",
-                        "synthetic:64", "--sft-steps", "4", "--max-steps", "2", "--out", out], cwd=root,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "grpo_vl.py",
+            "--variant",
+            "stepgrpo",
+            "--model",
+            "tiny",
+            "--data",
+            "synthetic:64",
+            "--sft-steps",
+            "4",
+            "--max-steps",
+            "2",
+            "--out",
+            out,
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    assert [(r["phase"], r["step"]) for r in rows] == [("sft", 1), ("sft", 2), ("sft", 3), ("sft", 4),
-                                                        ("rl", 1), ("rl", 2)]
+    assert [(r["phase"], r["step"]) for r in rows] == [
+        ("sft", 1),
+        ("sft", 2),
+        ("sft", 3),
+        ("sft", 4),
+        ("rl", 1),
+        ("rl", 2),
+    ]
     rl = rows[4]
     assert {"rewards/step_accuracy", "rewards/step_validity"} <= set(rl)
     assert rl["kl"] == 0.0  # the reference is the model SFT left, not the random start
@@ -133,30 +208,51 @@ def test_stepgrpo_sft_then_rl_on_the_tiny_model(tmp_path):
 def test_stepwise_and_chat_rows(tmp_path):
     import datasets
     from PIL import Image
+
     img = tmp_path / "a.png"
     Image.new("RGB", (40, 40), "red").save(img)
     step_rows = str(tmp_path / "steps.jsonl")
-    datasets.Dataset.from_list([
-        {"problem": "What is 6/3?", "image_path": str(img), "solution": steps("6/3 = 2"),
-         "key_steps": json.dumps({"Steps": [["6/3 = 2", "6 divided by 3 is 2"]]})},
-        {"problem": "And 4/2?", "image_path": str(img), "solution": steps("4/2 = 2"), "key_steps": ""},
-    ]).to_json(step_rows)
+    datasets.Dataset.from_list(
+        [
+            {
+                "problem": "What is 6/3?",
+                "image_path": str(img),
+                "solution": steps("6/3 = 2"),
+                "key_steps": json.dumps({"Steps": [["6/3 = 2", "6 divided by 3 is 2"]]}),
+            },
+            {"problem": "And 4/2?", "image_path": str(img), "solution": steps("4/2 = 2"), "key_steps": ""},
+        ]
+    ).to_json(step_rows)
     exs = data.load_examples(step_rows, "train")
     assert exs[0]["answer"] == "2" and exs[0]["key_steps"] == [["6/3 = 2", "6 divided by 3 is 2"]]
     assert exs[1]["key_steps"] == [] and R.step_accuracy(exs[1]["solution"], exs[1]) == 1.0
     assert data.sft_target(exs[0], "step") == exs[0]["solution"]
-    assert data.sft_target(exs[0], "plain").startswith("<think>") and \
-        data.sft_target(exs[0], "plain").endswith("</think><answer>2</answer>")
+    assert data.sft_target(exs[0], "plain").startswith("<think>") and data.sft_target(
+        exs[0], "plain"
+    ).endswith("</think><answer>2</answer>")
     chat = str(tmp_path / "chat.jsonl")
-    datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "<image>What is shown?"},
-                                                   {"from": "gpt", "value": "<think>red</think><answer>red</answer>"}],
-                                 "images": [str(img)]}]).to_json(chat)
+    datasets.Dataset.from_list(
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "<image>What is shown?"},
+                    {"from": "gpt", "value": "<think>red</think><answer>red</answer>"},
+                ],
+                "images": [str(img)],
+            }
+        ]
+    ).to_json(chat)
     (ex,) = data.load_examples(chat, "train")
     assert ex["question"] == "What is shown?" and ex["target"] == "<think>red</think><answer>red</answer>"
     bad = str(tmp_path / "bad.jsonl")
-    datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "<image>x"},
-                                                   {"from": "gpt", "value": "y"}],
-                                 "images": [str(img), str(img)]}]).to_json(bad)
+    datasets.Dataset.from_list(
+        [
+            {
+                "conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}],
+                "images": [str(img), str(img)],
+            }
+        ]
+    ).to_json(bad)
     with pytest.raises(ValueError, match="row 0, column 'images': 2 images for 1 <image> slots"):
         data.load_examples(bad, "train")
 
@@ -164,13 +260,29 @@ def test_stepwise_and_chat_rows(tmp_path):
 def test_stepgrpo_needs_data_and_sft_needs_targets(tmp_path, capsys):
     import datasets
     from PIL import Image
+
     with pytest.raises(SystemExit) as e:
         g.parse_args(["--variant", "stepgrpo"])
     assert e.value.code == 2 and "needs --data" in capsys.readouterr().err
     Image.new("RGB", (40, 40)).save(tmp_path / "b.png")
-    datasets.Dataset.from_dict({"image": [{"bytes": (tmp_path / "b.png").read_bytes(), "path": None}],
-                                "prompt": ["q (A) x (B) y"], "choices": [["x", "y"]], "answer": ["(A)"]}
-                               ).to_parquet(str(tmp_path / "cv.parquet"))
+    datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": (tmp_path / "b.png").read_bytes(), "path": None}],
+            "prompt": ["q (A) x (B) y"],
+            "choices": [["x", "y"]],
+            "answer": ["(A)"],
+        }
+    ).to_parquet(str(tmp_path / "cv.parquet"))
     with pytest.raises(SystemExit, match="row 0: no 'solution' or assistant turn"):
-        g.main(["--model", "tiny", "--data", str(tmp_path / "cv.parquet"), "--sft-steps", "1",
-                "--out", str(tmp_path / "o")])
+        g.main(
+            [
+                "--model",
+                "tiny",
+                "--data",
+                str(tmp_path / "cv.parquet"),
+                "--sft-steps",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )

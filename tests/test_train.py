@@ -1,4 +1,5 @@
 """The real script end to end on the tiny model: single process, FSDP2 on 2 CPU ranks, frozen parts."""
+
 import json
 import os
 import subprocess
@@ -26,30 +27,75 @@ def metrics(out):
 
 def load_weights(path):
     from transformers import AutoModelForImageTextToText
+
     return AutoModelForImageTextToText.from_pretrained(path).state_dict()
 
 
 def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    stdout = run([sys.executable, "grpo_vl.py", "--variant", "r1zero", "--model", "tiny", "--data", "synthetic:64",
-                  "--max-steps", "2", "--out", out, "--log-completions-every", "1", "--length-bonus", "0.001",
-                  "--eval-every", "2", "--eval-data", "synthetic:8"])
+    stdout = run(
+        [
+            sys.executable,
+            "grpo_vl.py",
+            "--variant",
+            "r1zero",
+            "--model",
+            "tiny",
+            "--data",
+            "synthetic:64",
+            "--max-steps",
+            "2",
+            "--out",
+            out,
+            "--log-completions-every",
+            "1",
+            "--length-bonus",
+            "0.001",
+            "--eval-every",
+            "2",
+            "--eval-data",
+            "synthetic:8",
+        ]
+    )
     assert "step 2/2" in stdout
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ["reward", "reward_std", "frac_zero_std", "rewards/accuracy", "rewards/format", "rewards/length",
-                "completion_len", "completion_len_max", "truncated_frac", "kl", "clip_frac", "reflection_rate",
-                "lr", "step_time", "grad_norm"]:
+    for key in [
+        "reward",
+        "reward_std",
+        "frac_zero_std",
+        "rewards/accuracy",
+        "rewards/format",
+        "rewards/length",
+        "completion_len",
+        "completion_len_max",
+        "truncated_frac",
+        "kl",
+        "clip_frac",
+        "reflection_rate",
+        "lr",
+        "step_time",
+        "grad_norm",
+    ]:
         assert key in rows[0], key
     r = rows[0]
-    assert r["reward"] == pytest.approx(r["rewards/accuracy"] + r["rewards/format"] + r["rewards/length"])  # G1
+    assert r["reward"] == pytest.approx(
+        r["rewards/accuracy"] + r["rewards/format"] + r["rewards/length"]
+    )  # G1
     assert r["rewards/length"] == pytest.approx(0.001 * r["completion_len"])  # R3
     assert r["kl"] == 0.0 and rows[1]["kl"] > 0  # pi_theta = pi_ref before the first update, not after
     assert rows[0]["lr"] == 1e-6 and rows[1]["lr"] == pytest.approx(0.5e-6)  # linear decay
     traj = [json.loads(x) for x in open(os.path.join(out, "trajectories", "step_000001.jsonl"))]
     assert len(traj) == 4 * 8 and traj[0]["completion"].startswith("<think>")
-    report, start = (json.load(open(os.path.join(out, f"eval_step{s}.json"))) for s in (2, 0))  # 0: start of RL
-    assert report["n"] == start["n"] == 8 and set(report["per_task"]) == {"Count", "Relation", "Depth", "Distance"}
+    report, start = (
+        json.load(open(os.path.join(out, f"eval_step{s}.json"))) for s in (2, 0)
+    )  # 0: start of RL
+    assert report["n"] == start["n"] == 8 and set(report["per_task"]) == {
+        "Count",
+        "Relation",
+        "Depth",
+        "Distance",
+    }
     assert 1 <= start["completion_len"] <= 96 and 1 <= report["completion_len"] <= 96
     assert "cvbench_combined" in report
     weights = load_weights(os.path.join(out, "checkpoint"))
@@ -61,10 +107,31 @@ def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(
 def test_fsdp_two_ranks_match_one_process(tmp_path):
     """Same prompts, same completions (--gen-batch 1 makes sampling rank-count independent): two SFT steps
     and one GRPO update on 2 FSDP ranks equal the single-process ones within float tolerance."""
-    flags = ["grpo_vl.py", "--model", "tiny", "--data", "synthetic:32", "--max-steps", "1", "--gen-batch", "1",
-             "--sft-steps", "2", "--sft-lr", "1e-3",
-             "--length-bonus", "0.01", "--lr", "1e-2", "--micro-batch", "3", "--log-completions-every", "0",
-             "--max-new-tokens", "48"]
+    flags = [
+        "grpo_vl.py",
+        "--model",
+        "tiny",
+        "--data",
+        "synthetic:32",
+        "--max-steps",
+        "1",
+        "--gen-batch",
+        "1",
+        "--sft-steps",
+        "2",
+        "--sft-lr",
+        "1e-3",
+        "--length-bonus",
+        "0.01",
+        "--lr",
+        "1e-2",
+        "--micro-batch",
+        "3",
+        "--log-completions-every",
+        "0",
+        "--max-new-tokens",
+        "48",
+    ]
     run([sys.executable, *flags, "--out", str(tmp_path / "one")])
     run([*TORCHRUN, *flags, "--out", str(tmp_path / "two")])
     (s1, s1b, m1), (s2, s2b, m2) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -90,35 +157,83 @@ def test_fsdp_rollouts_gather_once_and_match_unsharded():
 @pytest.mark.parametrize("part", ["vision", "llm"])
 def test_freeze_really_freezes(tmp_path, part):
     out = str(tmp_path / part)
-    g.main(["--model", "tiny", "--data", "synthetic:16", "--max-steps", "1", "--length-bonus", "0.01", "--lr",
-            "1e-2", "--freeze", part, "--out", out, "--log-completions-every", "0", "--max-new-tokens", "16"])
+    g.main(
+        [
+            "--model",
+            "tiny",
+            "--data",
+            "synthetic:16",
+            "--max-steps",
+            "1",
+            "--length-bonus",
+            "0.01",
+            "--lr",
+            "1e-2",
+            "--freeze",
+            part,
+            "--out",
+            out,
+            "--log-completions-every",
+            "0",
+            "--max-new-tokens",
+            "16",
+        ]
+    )
     weights, start = load_weights(os.path.join(out, "checkpoint")), g.build_tiny(0)[0].state_dict()
-    frozen = [k for k in start if k.startswith("model.visual")] if part == "vision" else \
-        [k for k in start if not k.startswith("model.visual")]
+    frozen = (
+        [k for k in start if k.startswith("model.visual")]
+        if part == "vision"
+        else [k for k in start if not k.startswith("model.visual")]
+    )
     assert frozen and all(torch.equal(weights[k], start[k]) for k in frozen)
     assert any(not torch.equal(weights[k], start[k]) for k in start if k not in frozen)
 
 
-@pytest.mark.parametrize("flags,check", [
-    (["--mu", "2", "--eps", "0.05"], lambda m: m["clip_frac"] > 0),             # 2nd epoch: rho != 1, clipped
-    (["--beta", "0"], lambda m: m["kl"] == 0.0),                                 # no reference model at all
-    (["--loss-agg", "token"], lambda m: m["grad_norm"] > 0),
-])
+@pytest.mark.parametrize(
+    "flags,check",
+    [
+        (["--mu", "2", "--eps", "0.05"], lambda m: m["clip_frac"] > 0),  # 2nd epoch: rho != 1, clipped
+        (["--beta", "0"], lambda m: m["kl"] == 0.0),  # no reference model at all
+        (["--loss-agg", "token"], lambda m: m["grad_norm"] > 0),
+    ],
+)
 def test_policy_epochs_no_reference_and_token_mean(tmp_path, flags, check):
     out = str(tmp_path / "run")
-    g.main(["--model", "tiny", "--data", "synthetic:16", "--max-steps", "1", "--length-bonus", "0.01", "--lr", "1e-2",
-            "--out", out, "--log-completions-every", "0", "--max-new-tokens", "16", *flags])
+    g.main(
+        [
+            "--model",
+            "tiny",
+            "--data",
+            "synthetic:16",
+            "--max-steps",
+            "1",
+            "--length-bonus",
+            "0.01",
+            "--lr",
+            "1e-2",
+            "--out",
+            out,
+            "--log-completions-every",
+            "0",
+            "--max-new-tokens",
+            "16",
+            *flags,
+        ]
+    )
     (m,) = metrics(out)
     assert check(m), m
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--variant", "nope"], "--variant 'nope' is not one of"),
-    (["--rewards", "accuracy,vibes"], "--rewards 'vibes': expected one of 'accuracy'"),
-    (["--num-generations", "1"], "at least 2"),
-    (["--loss-agg", "mean"], "--loss-agg 'mean'"),
-    (["--freeze", "everything"], "--freeze 'everything'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--variant", "nope"], "--variant 'nope' is not one of"),
+        (["--rewards", "accuracy,vibes"], "--rewards 'vibes': expected one of 'accuracy'"),
+        (["--num-generations", "1"], "at least 2"),
+        (["--loss-agg", "mean"], "--loss-agg 'mean'"),
+        (["--freeze", "everything"], "--freeze 'everything'"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         g.parse_args(argv)
@@ -126,22 +241,24 @@ def test_bad_flags_exit_2_with_one_clear_line(argv, message, capsys):
 
 
 def test_readme_flags_table_matches_the_dataclass():
-    import inspect
-    import re
     from dataclasses import fields
+
     readme = open(os.path.join(ROOT, "README.md")).read()
-    docs = dict(re.findall(r"\n    (\w+): .*?  # (.*)", inspect.getsource(g.Args)))
     for f in fields(g.Args):
-        row = f"| `--{f.name.replace('_', '-')}` | `{f.default}` | {docs[f.name].replace('|', '&#124;')} |"
+        help_ = f.metadata["help"].replace("|", "&#124;")
+        row = f"| `--{f.name.replace('_', '-')}` | `{f.default}` | {help_} |"
         assert row in readme, f"README flags table is out of date for --{f.name}; expected:\n{row}"
 
 
 def test_readme_links_point_at_the_lines_that_implement_them():
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import readme_links
+
     readme = open(os.path.join(ROOT, "README.md")).read()
     links = readme_links.LINK.findall(readme)
-    assert {label for label, _, _ in links} == set(readme_links.ANCHORS)  # every equation, detail, reward, prompt
+    assert {label for label, _, _ in links} == set(
+        readme_links.ANCHORS
+    )  # every equation, detail, reward, prompt
     for label, name, n in links:
         line = open(os.path.join(ROOT, name)).read().splitlines()[int(n) - 1]
         assert label in line, f"README's {label} link ({name}#L{n}) is stale: run tests/readme_links.py"
@@ -157,7 +274,8 @@ def test_evaluation_counts_completion_length_as_g9_does(tiny, examples):
     class Stub:
         def generate(self, input_ids, **kw):
             tails = torch.tensor([[a, a, a, pad, pad, pad], [a] * 6])
-            return torch.cat([input_ids, tails[:len(input_ids)]], 1)
+            return torch.cat([input_ids, tails[: len(input_ids)]], 1)
+
     report = g.evaluate(Stub(), processor, examples[:2], args, eos, banned, "cpu", 0, 1)
     assert report["n"] == 2 and report["completion_len"] == (4 + 6) / 2 and report["format"] == 0.0
 
@@ -165,12 +283,28 @@ def test_evaluation_counts_completion_length_as_g9_does(tiny, examples):
 def test_demo_prints_the_before_after_table_from_its_evaluations(tmp_path):
     """./run.sh demo's script, cut to 2 SFT and 2 GRPO steps: the table shows the two evaluations' numbers."""
     out = str(tmp_path / "demo")
-    stdout = run([sys.executable, "tests/demo.py", "--sft-steps", "2", "--max-steps", "2", "--prompts-per-step", "2",
-                  "--eval-data", "synthetic:8:Color", "--out", out])
+    stdout = run(
+        [
+            sys.executable,
+            "tests/demo.py",
+            "--sft-steps",
+            "2",
+            "--max-steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--eval-data",
+            "synthetic:8:Color",
+            "--out",
+            out,
+        ]
+    )
     before, after = (json.load(open(os.path.join(out, f"eval_step{s}.json"))) for s in (0, 2))
     assert "step 2/2" in stdout and "held-out synthetic:8:Color (n = 8)" in stdout
-    assert (f"| start of GRPO (after the SFT warm-up) | {before['accuracy']:.3f} | {before['format']:.3f} | "
-            f"{before['completion_len']:.1f} |") in stdout
+    assert (
+        f"| start of GRPO (after the SFT warm-up) | {before['accuracy']:.3f} | {before['format']:.3f} | "
+        f"{before['completion_len']:.1f} |"
+    ) in stdout
     assert f"| after 2 GRPO steps | {after['accuracy']:.3f} | {after['format']:.3f} |" in stdout
 
 
@@ -178,8 +312,11 @@ def test_readme_demo_command_is_the_demo_recipe():
     """The README shows the demo as one grpo_vl.py command: it must be what tests/demo.py runs."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import demo
+
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = readme.split("python grpo_vl.py --variant r1zero --model tiny --sft-data", 1)[1].split("```", 1)[0]
+    block = readme.split("python grpo_vl.py --variant r1zero --model tiny --sft-data", 1)[1].split("```", 1)[
+        0
+    ]
     shown = ("--variant r1zero --model tiny --sft-data" + block).replace("\\\n", " ").split()
     steps = g.parse_args(demo.RECIPE).max_steps
     assert g.parse_args(shown) == g.parse_args(demo.RECIPE + ["--eval-every", str(steps)])

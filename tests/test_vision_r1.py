@@ -1,5 +1,6 @@
 """Vision-R1: R6 HFRRF, math-answer equality, PTST stages, the math RL schema, a tiny Qwen2.5-VL, and the
 vision-r1 recipe (cold start, then two PTST stages) on the tiny model."""
+
 import json
 import os
 
@@ -12,48 +13,85 @@ import rewards as R
 EX = {"answer": "\\frac{1}{2}", "choices": None}
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("<think>half of one</think><answer>0.5</answer>", 1.0),               # right answer, right format
-    ("\n<think>a</think>\n\n<answer>\\frac{1}{2}</answer>\n", 1.0),          # whitespace outside is fine
-    ("So: <think>a</think><answer>0.5</answer>", 0.0),                      # text before
-    ("<think>a</think><answer>0.5</answer> done", 0.0),                      # text after
-    ("<think>a</think> so <answer>0.5</answer>", 0.0),                       # text between
-    ("<think>a</think><answer>0.5</answer><answer>0.5</answer>", 0.0),      # two answer blocks
-    ("<think>a</think><think>b</think><answer>0.5</answer>", 0.0),          # two think blocks
-    ("<answer>0.5</answer>", 0.0),                                           # missing think
-    ("<think>a</think><answer>0.25</answer>", 0.0),                          # wrong answer
-    ("<answer>0.5</answer><think>a</think>", 0.0),                           # wrong order
-    ("<think><answer>0.5</think></answer>", 0.0),                            # interleaved
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<think>half of one</think><answer>0.5</answer>", 1.0),  # right answer, right format
+        ("\n<think>a</think>\n\n<answer>\\frac{1}{2}</answer>\n", 1.0),  # whitespace outside is fine
+        ("So: <think>a</think><answer>0.5</answer>", 0.0),  # text before
+        ("<think>a</think><answer>0.5</answer> done", 0.0),  # text after
+        ("<think>a</think> so <answer>0.5</answer>", 0.0),  # text between
+        ("<think>a</think><answer>0.5</answer><answer>0.5</answer>", 0.0),  # two answer blocks
+        ("<think>a</think><think>b</think><answer>0.5</answer>", 0.0),  # two think blocks
+        ("<answer>0.5</answer>", 0.0),  # missing think
+        ("<think>a</think><answer>0.25</answer>", 0.0),  # wrong answer
+        ("<answer>0.5</answer><think>a</think>", 0.0),  # wrong order
+        ("<think><answer>0.5</think></answer>", 0.0),  # interleaved
+    ],
+)
 def test_r6_hard_formatting_result_reward(text, expected):
     assert R.hard_format(text, EX) == expected
 
 
-@pytest.mark.parametrize("pred,gold", [
-    ("\\frac{1}{2}", "0.5"), ("\\dfrac{1}{2}", "1/2"), ("2\\sqrt{3}", "\\sqrt{12}"), ("\\sqrt3", "\\sqrt{3}"),
-    ("30°", "30"), ("30^\\circ", "30"), ("30^{\\circ}", "30"), ("12 cm", "12"), ("4\\text{m}^2", "4"),
-    ("\\boxed{7}", "7"), ("$7$", "7"), ("Final Answer: 7", "7"), ("The answer is 7.", "7"), ("3.50", "3.5"),
-    ("-\\frac{3}{4}", "-0.75"), ("\\frac{\\sqrt{2}}{2}", "0.7071067811865476"), ("2 \\times 3", "6"),
-    ("\\boxed{\\frac{1}{2}}", "0.5"), ("A", "a"),
-])
+@pytest.mark.parametrize(
+    "pred,gold",
+    [
+        ("\\frac{1}{2}", "0.5"),
+        ("\\dfrac{1}{2}", "1/2"),
+        ("2\\sqrt{3}", "\\sqrt{12}"),
+        ("\\sqrt3", "\\sqrt{3}"),
+        ("30°", "30"),
+        ("30^\\circ", "30"),
+        ("30^{\\circ}", "30"),
+        ("12 cm", "12"),
+        ("4\\text{m}^2", "4"),
+        ("\\boxed{7}", "7"),
+        ("$7$", "7"),
+        ("Final Answer: 7", "7"),
+        ("The answer is 7.", "7"),
+        ("3.50", "3.5"),
+        ("-\\frac{3}{4}", "-0.75"),
+        ("\\frac{\\sqrt{2}}{2}", "0.7071067811865476"),
+        ("2 \\times 3", "6"),
+        ("\\boxed{\\frac{1}{2}}", "0.5"),
+        ("A", "a"),
+    ],
+)
 def test_math_answers_that_must_match(pred, gold):
     assert R.answers_equal(pred, gold), (pred, gold)
 
 
-@pytest.mark.parametrize("pred,gold", [
-    ("\\frac{1}{3}", "0.33"), ("2\\sqrt{3}", "\\sqrt{13}"), ("31°", "30"), ("2a", "2"), ("x", "0"), ("", "0"),
-    ("__import__('os').system('rm -rf /')", "0"), ("eval('1+1')", "2"), ("exec('x=2')", "2"),
-    ("(lambda: 2)()", "2"), ("2**10", "1024"), ("9^9^9", "0"), ("\\frac{1}{0}", "1"), ("1e400", "1"),
-    ("{" * 60 + "1" + "}" * 60, "1"),
-])
+@pytest.mark.parametrize(
+    "pred,gold",
+    [
+        ("\\frac{1}{3}", "0.33"),
+        ("2\\sqrt{3}", "\\sqrt{13}"),
+        ("31°", "30"),
+        ("2a", "2"),
+        ("x", "0"),
+        ("", "0"),
+        ("__import__('os').system('rm -rf /')", "0"),
+        ("eval('1+1')", "2"),
+        ("exec('x=2')", "2"),
+        ("(lambda: 2)()", "2"),
+        ("2**10", "1024"),
+        ("9^9^9", "0"),
+        ("\\frac{1}{0}", "1"),
+        ("1e400", "1"),
+        ("{" * 60 + "1" + "}" * 60, "1"),
+    ],
+)
 def test_math_answers_that_must_not_match(pred, gold):
     assert not R.answers_equal(pred, gold), (pred, gold)
 
 
 def test_parsing_never_executes_model_text(tmp_path):
     marker = tmp_path / "pwned"
-    for code in [f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w')",
-                 f"\\boxed{{__import__('pathlib').Path('{marker}').touch()}}"]:
+    for code in [
+        f"__import__('os').system('touch {marker}')",
+        f"open('{marker}', 'w')",
+        f"\\boxed{{__import__('pathlib').Path('{marker}').touch()}}",
+    ]:
         text = f"<think>x</think><answer>{code}</answer>"
         for fn in R.REWARDS.values():
             fn(text, {"answer": "1", "choices": None, "key_steps": []}, 1)
@@ -75,22 +113,49 @@ def test_ptst_spec_parses_and_bad_specs_exit_2(capsys):
 def test_math_rl_rows(tmp_path):
     import datasets
     from PIL import Image
+
     Image.new("RGB", (40, 40)).save(tmp_path / "g.png")
     path = str(tmp_path / "math.jsonl")
-    datasets.Dataset.from_list([{"images": [str(tmp_path / "g.png")], "problem": "Find x.", "answer": "2\\sqrt{3}"},
-                                {"images": [str(tmp_path / "g.png")], "problem": "Find y.", "answer": ""}]).to_json(path)
+    datasets.Dataset.from_list(
+        [
+            {"images": [str(tmp_path / "g.png")], "problem": "Find x.", "answer": "2\\sqrt{3}"},
+            {"images": [str(tmp_path / "g.png")], "problem": "Find y.", "answer": ""},
+        ]
+    ).to_json(path)
     with pytest.raises(ValueError, match="row 1, column 'answer': no answer"):
         data.load_examples(path, "train")
-    datasets.Dataset.from_list([{"images": [str(tmp_path / "g.png")], "problem": "Find x.",
-                                 "answer": "2\\sqrt{3}"}]).to_json(path)
+    datasets.Dataset.from_list(
+        [{"images": [str(tmp_path / "g.png")], "problem": "Find x.", "answer": "2\\sqrt{3}"}]
+    ).to_json(path)
     (ex,) = data.load_examples(path, "train")
-    assert ex["question"] == "Find x." and R.hard_format("<think>.</think><answer>\\sqrt{12}</answer>", ex) == 1.0
+    assert (
+        ex["question"] == "Find x."
+        and R.hard_format("<think>.</think><answer>\\sqrt{12}</answer>", ex) == 1.0
+    )
 
 
 def test_tiny_qwen25_vl_runs_two_rl_steps(tmp_path):
     out = str(tmp_path / "q25")
-    g.main(["--variant", "grpo", "--model", "tiny-2.5", "--max-steps", "2", "--max-new-tokens", "16",
-            "--length-bonus", "0.01", "--lr", "1e-3", "--out", out, "--log-completions-every", "0"])
+    g.main(
+        [
+            "--variant",
+            "grpo",
+            "--model",
+            "tiny-2.5",
+            "--max-steps",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--length-bonus",
+            "0.01",
+            "--lr",
+            "1e-3",
+            "--out",
+            out,
+            "--log-completions-every",
+            "0",
+        ]
+    )
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] > 0
     cfg = json.load(open(os.path.join(out, "checkpoint", "config.json")))
@@ -99,13 +164,33 @@ def test_tiny_qwen25_vl_runs_two_rl_steps(tmp_path):
 
 def test_vision_r1_cold_start_then_two_ptst_stages(tmp_path):
     out = str(tmp_path / "v")
-    g.main(["--variant", "vision-r1", "--model", "tiny", "--data", "synthetic:32", "--sft-steps", "3",
-            "--ptst", "24:4:2,40:2:2", "--out", out, "--log-completions-every", "1"])
+    g.main(
+        [
+            "--variant",
+            "vision-r1",
+            "--model",
+            "tiny",
+            "--data",
+            "synthetic:32",
+            "--sft-steps",
+            "3",
+            "--ptst",
+            "24:4:2,40:2:2",
+            "--out",
+            out,
+            "--log-completions-every",
+            "1",
+        ]
+    )
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["phase"] for r in rows] == ["sft"] * 3 + ["rl"] * 4
     rl = rows[3:]
-    assert [(r["stage"], r["max_new_tokens"], r["num_generations"]) for r in rl] == \
-        [(1, 24, 4), (1, 24, 4), (2, 40, 2), (2, 40, 2)]
+    assert [(r["stage"], r["max_new_tokens"], r["num_generations"]) for r in rl] == [
+        (1, 24, 4),
+        (1, 24, 4),
+        (2, 40, 2),
+        (2, 40, 2),
+    ]
     assert all(r["completion_len_max"] <= r["max_new_tokens"] for r in rl) and "rewards/hard_format" in rl[0]
     for step, G in [(1, 4), (4, 2)]:  # same 4 prompts per step in both stages; G completions each
         lines = open(os.path.join(out, "trajectories", f"step_{step:06d}.jsonl")).readlines()
