@@ -43,6 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 import data
 import rewards as R
@@ -107,6 +108,12 @@ class Args:
         401408, "images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)"
     )
     micro_batch: int = flag(8, "sequences per forward/backward pass (gradients accumulate within a step)")
+    precision: str = flag(
+        "auto", "bf16 | fp32 compute over fp32 master weights; auto: bf16 on GPU, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = flag(
+        True, "recompute each layer's activations in the backward (memory for time); off for tiny models"
+    )
     gen_batch: int = flag(
         0, "prompts per generate() call (0: all of a rank's); 1: rollouts ignore the rank count"
     )
@@ -161,11 +168,13 @@ VARIANTS = {
         temperature=1.2,
         max_new_tokens=1024,
         max_pixels=400000,
+        prompts_per_step=4,  # the paper's batch size 4
         data="",
         sft_epochs=2,
-        sft_lr=2e-5,
+        sft_lr=1e-5,  # the paper's, for 2B (5e-6 for 7B); the released config used 2e-5
         sft_warmup=0.03,
         sft_weight_decay=0.05,
+        sft_batch=128,
     ),
     # PTST: 100 steps per stage is our default, not a published number
     "vision-r1": dict(
@@ -180,6 +189,7 @@ VARIANTS = {
         sft_warmup=0.05,
         sft_weight_decay=0.0,
         sft_batch=32,
+        micro_batch=2,  # sequences of up to 9,000 tokens on a 7B model: see the README's memory section
     ),
 }
 # --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M random model notices
@@ -191,6 +201,7 @@ TINY = dict(
     eval_max_new_tokens=96,
     sft_lr=1e-2,
     sft_batch=8,
+    gradient_checkpointing=False,
 )
 
 
@@ -198,7 +209,7 @@ def parse_args(argv=None):
     """Flags from the dataclass Args; variant defaults, then the flags given, win in that order."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Args):
-        kind = dict(action="store_true") if f.type is bool else dict(type=f.type)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         p.add_argument(
             "--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f.metadata["help"], **kind
         )
@@ -214,6 +225,7 @@ def parse_args(argv=None):
         ("--prompt", [args.prompt], data.PROMPT_STYLES),
         ("--loss-agg", [args.loss_agg], ("seq", "token")),
         ("--freeze", [args.freeze], ("", "vision", "llm")),
+        ("--precision", [args.precision], ("auto", "bf16", "fp32")),
     ]:
         if bad := [v for v in values if v not in allowed]:
             p.error(f"{flag} {bad[0]!r}: expected one of {', '.join(map(repr, allowed))}")
@@ -235,6 +247,8 @@ def parse_args(argv=None):
         p.error(
             "--num-generations (and every PTST stage's G) must be at least 2: a group of one has no advantage (G2)"
         )
+    if args.mu < 1:
+        p.error(f"--mu {args.mu}: at least 1 policy epoch per rollout batch (G7)")
     return args
 
 
@@ -350,14 +364,15 @@ def load_model(args):
 
 
 # ============================================================================ FSDP2 (I9)
-def shard(model, mesh, device):
-    """fully_shard each vision block, each decoder layer, the vision tower, then the root. On GPU:
+def use_bf16(args, device):
+    """--precision: bf16 compute over fp32 master weights (auto: on GPU), or fp32 throughout."""
+    return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+
+
+def shard(model, mesh, device, bf16):
+    """fully_shard each vision block, each decoder layer, the vision tower, then the root. With bf16:
     bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
-    mp = (
-        MixedPrecisionPolicy(torch.bfloat16, torch.float32)
-        if device.type == "cuda"
-        else MixedPrecisionPolicy()
-    )
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
     # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
@@ -371,19 +386,23 @@ def shard(model, mesh, device):
 
 @contextlib.contextmanager
 def gathered(model):
-    """Gather the parameters once for a whole generate() call. Without this every generated token
+    """For generate(): eval mode, since gradient checkpointing (a training-mode feature) turns the KV cache
+    off; under FSDP, the parameters gathered once for the whole call. Without that every generated token
     all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
-    model.unshard()
+    was_training = model.training
+    model.eval()
+    sharded = isinstance(model, FSDPModule)
+    if sharded:
+        model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
+        model.unshard()
     yield
-    model.set_reshard_after_forward(True)
-    model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    if sharded:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+    model.train(was_training)
 
 
 # ============================================================================ batches (I3)
@@ -474,23 +493,42 @@ def completion_mask(completion, eos):
 
 
 # ============================================================================ log-probs (G8, I6, I7)
+LOGPROB_CHUNK = 1024  # completion tokens projected on the vocabulary at once: 1024 x 151,936 x 4 B = 0.6 GB
+
+
 def token_logprobs(model, b, T, banned, device):
     """log pi(o_t | q, o_<t) of each completion token, from logits / T with the sampling-time banned
-    tokens removed: exactly the distribution the token was drawn from (G8)."""
+    tokens removed: exactly the distribution the token was drawn from (G8). Returns (N, C)."""
     comp = b["completion"].to(device)
-    C = comp.shape[1]
+    N, C = comp.shape
     out = model(
         input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
         attention_mask=torch.cat([b["attention_mask"].to(device), b["mask"].to(device).long()], 1),
         mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
         pixel_values=b["pixel_values"].to(device),
         image_grid_thw=b["image_grid_thw"].to(device),
-        logits_to_keep=C + 1,
+        logits_to_keep=1,  # the model's own logits: one position; ours are below
+        output_hidden_states=-1,  # the last layer's (normed) states only
         use_cache=False,
-    )  # I7: completion positions only
-    logits = out.logits[:, :-1].float() / T  # (N, C, V) predicts comp
-    logits[..., banned] = float("-inf")
-    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (N, C)
+    )
+    h = out.hidden_states[-1][:, -C - 1 : -1].reshape(N * C, -1)  # (N*C, H): the states that predict o_1..o_C
+    o = comp.reshape(N * C)
+    # I7: logits at completion positions only, LOGPROB_CHUNK tokens at a time, and recomputed in the backward
+    # (checkpoint) rather than kept: at 151,936 entries an (N, C, V) fp32 logits tensor is most of the memory.
+    logp = []
+    for s in range(0, N * C, LOGPROB_CHUNK):
+        chunk = (model.lm_head, h[s : s + LOGPROB_CHUNK], o[s : s + LOGPROB_CHUNK], T, banned)
+        logp.append(checkpoint(chunk_logprobs, *chunk, use_reentrant=False))
+    if not torch.is_grad_enabled() and isinstance(model, FSDPModule):
+        model.reshard()  # no backward follows (reference, pi_old): free the root's gathered parameters (I9)
+    return torch.cat(logp).view(N, C)
+
+
+def chunk_logprobs(lm_head, h, o, T, banned):
+    """log-softmax of logits / T at n positions, read at the tokens o: (n, H), (n,) -> (n,)."""
+    logits = lm_head(h).float() / T  # (n, V)
+    logits[:, banned] = float("-inf")  # never sampled (I5), so not part of the distribution either
+    return logits.gather(-1, o[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 # ============================================================================ 3. advantage (G2)
@@ -507,16 +545,18 @@ def group_advantages(r, G):
 def grpo_objective(logp, old, ref, A, mask, beta, eps):
     """Per-token L = min(rho*A, clip(rho, 1-eps, 1+eps)*A) - beta*D, with
     rho = exp(logp - old) (G3) and the k3 KL  D = exp(ref - logp) - (ref - logp) - 1 >= 0 (G4).
-    Returns L (N, C) and the per-token D (zeros when there is no reference)."""
+    Returns L (N, C), the per-token D (zeros when there is no reference) and where clipping changed L."""
     ratio = torch.exp(logp - old)  # (N, C) G3
     surrogate = torch.min(ratio * A[:, None], ratio.clamp(1 - eps, 1 + eps) * A[:, None])  # G5
     D = torch.exp(ref - logp) - (ref - logp) - 1 if ref is not None else torch.zeros_like(logp)  # G4
-    return surrogate - beta * D, D, ((ratio - 1).abs() > eps).float()
+    # the clipped term wins (and the gradient is cut) only past 1+eps with A > 0, or below 1-eps with A < 0
+    clipped = ((ratio > 1 + eps) & (A[:, None] > 0)) | ((ratio < 1 - eps) & (A[:, None] < 0))
+    return surrogate - beta * D, D, clipped.float()
 
 
 def aggregate(L, mask, how):
     """G6: sum over the batch of (1/|o_i|) sum_t L_it  (seq), or of sum_t L_it  (token; divide later)."""
-    per_seq = (L * mask).sum(1)
+    per_seq = torch.where(mask.bool(), L, 0.0).sum(1)  # padding is zeroed, even an inf there (not 0 * inf)
     return (per_seq / mask.sum(1).clamp(min=1)).sum() if how == "seq" else per_seq.sum()
 
 
@@ -728,21 +768,23 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     model, processor, eos, banned = load_model(args)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
-    if (
-        args.freeze
-    ):  # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
-        for m in (
-            [model.model.visual] if args.freeze == "vision" else [model.model.language_model, model.lm_head]
-        ):
-            m.requires_grad_(False)
+    # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
+    if args.freeze == "vision":
+        model.model.visual.requires_grad_(False)
+    if args.freeze == "llm":
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    if args.gradient_checkpointing:  # non-reentrant: the kind that composes with FSDP2
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing acts in training mode only; generate() runs in eval mode (gathered)
+    bf16 = use_bf16(args, device)
     for m in filter(None, (model, ref)):
-        shard(m, mesh, device) if mesh is not None else m.to(device)
-    # Single GPU without torchrun: bf16 autocast over fp32 weights (FSDP's policy does this otherwise).
-    amp = (
-        torch.autocast("cuda", torch.bfloat16)
-        if device.type == "cuda" and mesh is None
-        else contextlib.nullcontext()
-    )
+        if mesh is not None:
+            shard(m, mesh, device, bf16)
+        else:
+            m.to(device)
+    # One process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun.
+    amp = torch.autocast(device.type, torch.bfloat16) if bf16 and mesh is None else contextlib.nullcontext()
     eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
 
     def run_eval(name):  # protocol E on --eval-data, written to OUT/<name>.json
@@ -877,8 +919,8 @@ def main(argv=None):
                 loss = -aggregate(L, mask, args.loss_agg) / denom
                 loss.backward()
                 loss_sum += loss.item()
-                kl += ((D * mask).sum() / n_tokens).item()
-                clip += ((clipped * mask).sum() / n_tokens).item()
+                kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
+                clip += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
             grad_norm = clip_and_step(params, opt, args.max_grad_norm)
         lr = opt.param_groups[0]["lr"]
         sched.step()

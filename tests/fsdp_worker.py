@@ -31,7 +31,7 @@ rank = dist.get_rank()
 args = g.parse_args(["--model", "tiny", "--max-new-tokens", "3" if rank == 0 else "40"])
 model, processor, eos, banned = g.load_model(args)
 plain = g.build_tiny(args.seed)[0].eval()
-g.shard(model, init_device_mesh("cpu", (2,)), torch.device("cpu"))
+g.shard(model, init_device_mesh("cpu", (2,)), torch.device("cpu"), bf16=False)
 b = g.encode(processor, data.load_examples("synthetic:4", "train")[rank : rank + 2], args)
 inputs = {k: b[k] for k in g.MODEL_KEYS}
 units = sum(isinstance(m, FSDPModule) for m in model.modules())

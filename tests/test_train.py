@@ -271,7 +271,7 @@ def test_evaluation_counts_completion_length_as_g9_does(tiny, examples):
     args = g.parse_args(["--model", "tiny", "--eval-max-new-tokens", "6"])
     a, pad = processor.tokenizer("a", add_special_tokens=False)["input_ids"][0], eos[0]
 
-    class Stub:
+    class Stub(torch.nn.Module):
         def generate(self, input_ids, **kw):
             tails = torch.tensor([[a, a, a, pad, pad, pad], [a] * 6])
             return torch.cat([input_ids, tails[: len(input_ids)]], 1)
