@@ -379,7 +379,7 @@ def shard(model, mesh, device, bf16):
     # alone first. A text-only forward through the root settles it. Reshard after it: the root stays
     # gathered after a forward, and an optimizer built now would hold those copies, not the shards.
     with torch.no_grad():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     model.reshard()
     return model
 

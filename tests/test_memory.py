@@ -1,0 +1,206 @@
+"""What a GPU run does differently, exercised on CPU: gradient checkpointing, bf16 compute over fp32 master
+weights, the reference resharded after its forwards; and the README's memory arithmetic, checked."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+import grpo_vl as g
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+CPU = torch.device("cpu")
+
+
+def run(cmd, timeout=300):
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p.stdout
+
+
+def scoring_gradients(tiny, examples, checkpointing):
+    """Gradients of one scoring forward + backward, and how often decoder layer 0 ran."""
+    _, processor, eos, banned = tiny
+    args = g.parse_args(["--model", "tiny"])
+    b = g.sft_batch(processor, examples[:3], args)
+    model = g.build_tiny(0)[0]
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls = []
+    model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    logp = g.token_logprobs(model, b, 1.0, banned, CPU)
+    (-(logp * b["mask"]).sum()).backward()
+    return {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, examples):
+    plain, plain_calls = scoring_gradients(tiny, examples, checkpointing=False)
+    checkpointed, calls = scoring_gradients(tiny, examples, checkpointing=True)
+    assert (plain_calls, calls) == (1, 2)  # the layer really ran again in the backward
+    for name, grad in plain.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_fsdp_checkpointed_gradients_and_reference_resharding():
+    """2 ranks: the same with FSDP2; and no reference parameter stays gathered after a no-grad forward."""
+    out = run([*TORCHRUN, "tests/fsdp_memory_worker.py"], timeout=180)
+    assert "rank 0: checkpointed gradients equal, reference resharded" in out
+    assert "rank 1: checkpointed gradients equal, reference resharded" in out
+
+
+def test_generation_is_unchanged_by_gradient_checkpointing(tiny, examples):
+    """generate() runs in eval mode: in training mode checkpointing would turn the KV cache off."""
+    _, processor, eos, banned = tiny
+    args = g.parse_args(["--model", "tiny", "--max-new-tokens", "12"])
+    completions = []
+    for checkpointing in (False, True):
+        model = g.build_tiny(0)[0]
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        (b,) = g.rollout(model, processor, examples[:2], args, eos, banned, CPU, seed=3)
+        assert model.training  # restored after generate
+        completions.append(b["completion"])
+    assert torch.equal(*completions)
+
+
+def test_bf16_logprobs_agree_with_fp32(tiny, examples):
+    """The tolerance: 0.01 nats per token on the tiny random model (measured: max 0.0017, mean 0.0004)."""
+    model, processor, eos, banned = tiny
+    b = g.sft_batch(processor, examples[:4], g.parse_args(["--model", "tiny"]))
+    with torch.no_grad():
+        fp32 = g.token_logprobs(model, b, 1.0, banned, CPU)
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16 = g.token_logprobs(model, b, 1.0, banned, CPU)
+    diff = (fp32 - bf16).abs()[b["mask"].bool()]
+    assert bf16.dtype == torch.float32  # log-softmax in fp32 whatever the compute dtype
+    assert 0 < diff.max() < 0.01, diff.max()  # > 0: the forward really ran in bf16
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_bf16_run_trains_with_fp32_master_weights(tmp_path, ranks):
+    out = str(tmp_path / "bf16")
+    flags = ["grpo_vl.py", "--model", "tiny", "--data", "synthetic:32", "--precision", "bf16", "--max-steps", "3"]
+    flags += ["--length-bonus", "0.01", "--lr", "1e-3", "--max-new-tokens", "32", "--out", out]
+    run([*TORCHRUN, *flags] if ranks == 2 else [sys.executable, *flags])
+    steps = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(math.isfinite(s["loss"]) and math.isfinite(s["kl"]) and s["grad_norm"] > 0 for s in steps)
+    assert steps[-1]["kl"] > 0  # the policy moved away from the reference
+    weights = tf.AutoModelForImageTextToText.from_pretrained(os.path.join(out, "checkpoint")).state_dict()
+    start = g.build_tiny(0)[0].state_dict()
+    assert all(weights[k].dtype == torch.float32 for k in start)  # master weights stay fp32
+    moved = max((weights[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-4, moved
+
+
+# ---------------------------------------------------------------------------- the README's arithmetic
+QWEN2_VL_2B = tf.Qwen2VLConfig(  # the hub config's numbers (Qwen/Qwen2-VL-2B)
+    text_config=dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+    tie_word_embeddings=True,
+)
+QWEN25_VL_7B = tf.Qwen2_5_VLConfig(  # Qwen/Qwen2.5-VL-7B-Instruct
+    text_config=dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+    tie_word_embeddings=False,
+)
+MODELS = {  # parameters (checked below), width, layers, K/V width per layer, vocabulary, tied lm_head
+    "Qwen2-VL-2B": dict(params=2_208_985_600, hidden=1536, layers=28, kv_width=2 * 128, vocab=151_936, tied=True),
+    "Qwen2.5-VL-7B": dict(params=8_292_166_656, hidden=3584, layers=28, kv_width=4 * 128, vocab=152_064, tied=False),
+}
+IMAGE_TOKENS, PATCHES = 512, 2048  # max_pixels ~401,408: 2,048 patches of 14 x 14, 512 tokens after the 2x2 merge
+TEXT_TOKENS = 150  # the prompt's text: template, instructions, question
+VIT_WIDTH, VIT_LAYERS = 1280, 32  # both vision towers
+
+
+def per_gpu_gb(model, sequences, new_tokens, micro_batch, generates=True, checkpointing=True, gpus=4):
+    """Per-GPU peak under FSDP2 over `gpus` ranks, bf16 compute. sequences: what a rank holds at once (prompts
+    per rank x G for RL, examples per rank for SFT); new_tokens: the completion or SFT target cap."""
+    m = MODELS[model]
+    P, seq = m["params"], IMAGE_TOKENS + TEXT_TOKENS + new_tokens
+    states = 16 * P / gpus  # fp32 weights + fp32 gradients + AdamW's two fp32 moments, sharded
+    reference = 4 * P / gpus  # fp32, sharded, gathered one layer at a time
+    # rollout: the whole policy gathered in bf16 plus the bf16 K and V of every layer for every token
+    rollout = 2 * P + sequences * seq * 2 * m["layers"] * m["kv_width"] * 2 if generates else 0
+    # update: ~34 x width bytes of bf16 activations per token per layer; with checkpointing a layer keeps its
+    # 2 x width input and one layer at a time holds the full 34 x width while it is recomputed
+    n = min(micro_batch, sequences)
+    per_token = 2 * m["layers"] + 34 if checkpointing else 34 * m["layers"]
+    per_patch = 2 * VIT_LAYERS + 34 if checkpointing else 34 * VIT_LAYERS
+    update = n * seq * m["hidden"] * per_token + n * PATCHES * VIT_WIDTH * per_patch
+    update += 3 * g.LOGPROB_CHUNK * m["vocab"] * 4  # one chunk's fp32 logits, their exp and gradient
+    update += (1 if m["tied"] else 2) * m["vocab"] * m["hidden"] * 4  # root: gathered bf16 embeddings + grads
+    return (states + reference + max(rollout, update)) / 1e9
+
+
+RUNS = {  # README row -> (model, sequences per rank, new tokens, micro-batch, generates) at the defaults
+    "r1zero, grpo: RL": ("Qwen2-VL-2B", 8 // 4 * 8, 700, 8, True),
+    "stepgrpo: warm-up SFT": ("Qwen2-VL-2B", 128 // 4, 1024, 8, False),
+    "stepgrpo: RL": ("Qwen2-VL-2B", 4 // 4 * 4, 1024, 8, True),
+    "vision-r1: cold-start SFT": ("Qwen2.5-VL-7B", 32 // 4, 4096, 2, False),
+    "vision-r1: PTST stage 1": ("Qwen2.5-VL-7B", 8 // 4 * 16, 4096, 2, True),
+    "vision-r1: PTST stage 2": ("Qwen2.5-VL-7B", 8 // 4 * 8, 8192, 2, True),
+    "vision-r1: PTST stage 3 (optional)": ("Qwen2.5-VL-7B", 8 // 4 * 4, 16384, 2, True),
+}
+
+
+@pytest.mark.parametrize("name,config", [("Qwen2-VL-2B", QWEN2_VL_2B), ("Qwen2.5-VL-7B", QWEN25_VL_7B)])
+def test_parameter_counts_of_the_real_architectures(name, config):
+    cls = tf.Qwen2VLForConditionalGeneration if name == "Qwen2-VL-2B" else tf.Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):  # the real shapes, no memory
+        model = cls(config)
+    assert sum(p.numel() for p in model.parameters()) == MODELS[name]["params"]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"{name} ({MODELS[name]['params'] / 1e9:.2f} B parameters" in readme
+
+
+def test_readme_memory_table_is_the_arithmetic_and_every_run_fits_80_gb():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for name, (model, sequences, tokens, micro, generates) in RUNS.items():
+        gb = per_gpu_gb(model, sequences, tokens, micro, generates)
+        without = per_gpu_gb(model, sequences, tokens, micro, generates, checkpointing=False)
+        row = f"| {name} | {model} | {sequences} | {tokens:,} | {micro} | {gb:.1f} GB | {without:.1f} GB |"
+        assert row in readme, f"README memory table is out of date; expected:\n{row}"
+        assert gb < 80, name
+    # the variant defaults the table assumes
+    assert re.search(r'"vision-r1": dict\((.|\n)*?micro_batch=2', open(os.path.join(ROOT, "grpo_vl.py")).read())
+    assert g.parse_args(["--variant", "vision-r1", "--data", "x", "--sft-data", "y"]).micro_batch == 2
+    assert g.parse_args(["--variant", "r1zero"]).micro_batch == 8
+    step = g.parse_args(["--variant", "stepgrpo", "--data", "x", "--sft-data", "y"])
+    assert (step.prompts_per_step, step.sft_batch, step.micro_batch, step.num_generations) == (4, 128, 8, 4)
