@@ -493,7 +493,7 @@ def completion_mask(completion, eos):
 
 
 # ============================================================================ log-probs (G8, I6, I7)
-LOGPROB_CHUNK = 1024  # completion tokens projected on the vocabulary at once: 1024 x 151,936 x 4 B = 0.6 GB
+LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 512 x 151,936 x 4 B = 0.3 GB
 
 
 def token_logprobs(model, b, T, banned, device):

@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -124,8 +125,85 @@ def floor(name):
     return {k: min(v) for k, v in times.items()}  # best of 3: the floor
 
 
+def full_vocab_logprobs(model, b, T, banned):
+    """How token_logprobs computed log-probs before it worked in chunks: (N, C, V) fp32 logits at once."""
+    C = b["completion"].shape[1]
+    logits = (
+        model(
+            input_ids=torch.cat([b["input_ids"], b["completion"]], 1),
+            attention_mask=torch.cat([b["attention_mask"], b["mask"].long()], 1),
+            mm_token_type_ids=torch.cat([b["mm_token_type_ids"], torch.zeros_like(b["completion"])], 1),
+            pixel_values=b["pixel_values"],
+            image_grid_thw=b["image_grid_thw"],
+            logits_to_keep=C + 1,
+        )
+        .logits[:, :-1]
+        .float()
+        / T
+    )
+    logits[..., banned] = float("-inf")
+    return logits.gather(-1, b["completion"][..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def scoring_memory(how, C, N=4):
+    """Peak host memory (MB, above what was in use before) of one scoring forward + backward of N completions
+    of C tokens on the tiny model given the real vocabulary (151,936), the old way or the chunked way."""
+    torch.set_num_threads(2)
+    model, processor = g.build_tiny(0)
+    model.resize_token_embeddings(
+        151_936, mean_resizing=False
+    )  # the real vocabulary; the rest of the model stays tiny
+    args = g.parse_args(["--model", "tiny"])
+    banned = processor.tokenizer.convert_tokens_to_ids(g.VISION_TOKENS)
+    exs = data.load_examples("synthetic:8", "train")[:N]
+    b = g.encode(processor, exs, args)
+    b["completion"] = torch.randint(len(g.SPECIAL), 500, (N, C))  # ordinary tokens (special ones come first)
+    b["mask"] = torch.ones(N, C)
+    samples, done = [], threading.Event()
+
+    def poll():  # the peak, sampled every millisecond
+        while not done.is_set():
+            samples.append(rss_mb())
+            time.sleep(0.001)
+
+    before = rss_mb()
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        if how == "chunked":
+            logp = g.token_logprobs(model, b, 1.0, banned, torch.device("cpu"))
+        else:
+            logp = full_vocab_logprobs(model, b, 1.0, banned)
+        (-logp.sum()).backward()
+    finally:
+        done.set()
+        thread.join()
+    print("PEAK_MB", max(samples) - before)
+
+
+def measure_scoring_memory():
+    """Each way in a fresh process, so neither inherits the other's freed-but-kept memory."""
+    peaks = {}
+    for C in (128, 512):
+        for how in ("full", "chunked"):
+            cmd = [sys.executable, __file__, "--scoring-memory", how, str(C)]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr[-3000:]
+            peaks[f"{how} 4x{C}"] = float(p.stdout.split("PEAK_MB")[1].split()[0])
+    return peaks
+
+
 def main():
-    results = {}
+    peaks = measure_scoring_memory()
+    print("scoring forward + backward, 8 x 256 completion tokens, vocabulary 151,936, peak MB above start:")
+    print(
+        f"  (N, C, V) fp32 logits at once: {peaks['full']:.0f}   in 1,024-token chunks: {peaks['chunked']:.0f}"
+    )
+    results = {"scoring_peak_mb": peaks}
     for name in MODELS:
         base = floor(name)
         for procs in (1, 2):
@@ -153,4 +231,9 @@ def main():
 
 
 if __name__ == "__main__":
-    worker(sys.argv[2], sys.argv[3]) if sys.argv[1:2] == ["--worker"] else main()
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["--scoring-memory"]:
+        scoring_memory(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()
