@@ -67,7 +67,7 @@ class Args:
     data: str = flag(
         "array/SAT", "training data: hub id, folder, .json/.jsonl/.parquet, or 'synthetic[:N[:Task,...]]'"
     )
-    max_rows: int = flag(0, "--data rows used: a seeded sample of this many (SAT: single-image ones); 0: all")
+    max_rows: int = flag(0, "a seeded sample of this many --data rows (SAT: single-image ones); 0 = all")
     eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data (protocol E), same forms as --data")
     out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json")
     prompt: str = flag(
