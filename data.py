@@ -1,16 +1,20 @@
 """Data (RECIPES §D, §P): the prompts, the data set adapters, a synthetic task, and batching.
 
-Every adapter turns a published row into one example: {"images": [PIL / path / URL / bytes], "question",
-"answer": gold text, "choices": [option texts] or None, "task", "source"} plus, for SFT and StepGRPO,
-"solution" (P3 sections), "key_steps" ([[equivalent forms], ...]) or "target" (a chat row's reply).
+Every adapter turns a row into one example: {"images": [PIL / path / URL / bytes], "question", "answer":
+gold text, "choices": [option texts] or None, "task", "source"} plus, for SFT and StepGRPO, "solution" (P3
+sections or free text), "key_steps" ([[equivalent forms], ...]) or "target" (a chat row's reply).
 """
 
 import collections
+import functools
 import io
+import itertools
 import json
 import os
 import random
+import re
 
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 from qwen_vl_utils import fetch_image
 
@@ -72,13 +76,14 @@ def encode(processor, examples, style, max_pixels):
 
 def sft_target(ex, style):
     """What SFT teaches the model to write after the prompt: a chat row's assistant turn, or the row's
-    step-wise solution (P3 sections) -- as it is for P3, rewritten as <think>...</think><answer>...</answer>
-    for the other prompts (P1 has already opened the <think>)."""
+    solution (P3 sections, or free text, which gets a final-answer line) -- as it is for P3, rewritten as
+    <think>...</think><answer>...</answer> for the other prompts (P1 has already opened the <think>)."""
     if ex.get("target"):
         return ex["target"]
+    solution = ex["solution"] if FINAL in ex["solution"] else f"{ex['solution']}\n{FINAL} {ex['answer']}"
     if style == "step":
-        return ex["solution"]
-    reasoning, _, answer = ex["solution"].rpartition(FINAL)
+        return solution
+    reasoning, _, answer = solution.rpartition(FINAL)
     reasoning = " ".join(line for line in reasoning.splitlines() if line and not line.startswith("### "))
     return ("" if style == "base" else "<think>") + f"{reasoning}</think><answer>{answer.strip()}</answer>"
 
@@ -88,47 +93,40 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class BadRow(ValueError):
-    def __init__(
-        self, name, i, column, why
-    ):  # `reason` counts skipped rows: the column and the why, no details
+    def __init__(self, name, i, column, why):  # `reason`, the column and why without details, counts skips
         super().__init__(f"data set {name!r}, row {i}, column {column!r}: {why}")
         self.reason = f"{column}: {why.split(' (')[0]}"
 
 
 def check_images(ex, i, name):
-    """Open each image's header now, so an unreadable one is named at load time, not mid-training."""
+    """Read each image's header now (not its pixels), so an unreadable one is named at load time."""
     for im in ex["images"]:
-        try:  # a path or file:// is opened (its header only); a PIL image is open already; URLs are left to load
+        try:  # bytes are opened by open_image, paths here; a PIL image is open already; URLs are left to load
             if isinstance(im := open_image(im), str) and not im.startswith(("http://", "https://", "data:")):
                 Image.open(im.removeprefix("file://")).size
         except Exception as e:  # noqa: BLE001 -- any failure to read it is this row's fault
             raise BadRow(name, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
 
 
-def from_cvbench(row, i, name):
-    """CV-Bench: `prompt` already lists the lettered choices; `answer` is "(A)"..."""
-    if row.get("image") is None:
-        raise BadRow(name, i, "image", "no image")
-    letter = str(row.get("answer") or "").strip("() ")
-    if len(letter) != 1 or LETTERS.find(letter) >= len(row["choices"]) or LETTERS.find(letter) < 0:
-        raise BadRow(name, i, "answer", f"expected a letter among the choices, got {row.get('answer')!r}")
-    return {
-        "images": [row["image"]],
-        "question": row["prompt"],
-        "choices": list(row["choices"]),
-        "answer": row["choices"][LETTERS.index(letter)],
-        "task": row.get("task", ""),
-        "source": row.get("source", ""),
-        "solution": row.get("solution"),
-        "key_steps": key_steps(row),
-    }
-
-
 def row_images(row, i, name):
+    """The row's images: a relative path is relative to the data file's folder; absolute paths, URLs (http:,
+    file:, data:), bytes and PIL images pass as they are."""
     for col in ("images", "image", "image_path"):
         if row.get(col):
-            return list(row[col]) if isinstance(row[col], list) else [row[col]]
+            images = row[col] if isinstance(row[col], list) else [row[col]]
+            base = name if os.path.isdir(name) else os.path.dirname(name)
+            return [
+                os.path.join(base, im) if isinstance(im, str) and not re.match(r"\w+:", im) else im
+                for im in images
+            ]
     raise BadRow(name, i, "image", "no image (looked in 'images', 'image', 'image_path')")
+
+
+def without_slots(text, images, i, name):
+    """The text without its <image> placeholders (the prompt places the images): none, or one per image."""
+    if text.count("<image>") not in (0, len(images)):
+        raise BadRow(name, i, "images", f"{len(images)} images for {text.count('<image>')} <image> slots")
+    return text.replace("<image>", "").strip()
 
 
 def key_steps(row):
@@ -138,54 +136,74 @@ def key_steps(row):
     return [list(forms) for forms in (ks or {}).get("Steps") or []]
 
 
-def from_stepwise(row, i, name):
-    """Step-wise CoT rows (R1-VL-10K / Mulberry): the gold answer is the solution's final-answer line."""
-    solution = row.get("solution") or ""
-    answer = (solution.rpartition(FINAL)[2].strip().splitlines() or [""])[0] if FINAL in solution else ""
-    if not answer:
-        raise BadRow(name, i, "solution", f"no answer after a '{FINAL}' line")
+def from_plain(row, i, name):
+    """Plain rows, and CV-Bench, step-wise CoT and math RL rows, which are plain rows with more columns: an
+    image, a question (the first of prompt, question, problem), the gold `answer` (step-wise rows: the line
+    after the solution's final-answer header), optional `choices` (the answer may be an option or its
+    letter; the question lists them as CV-Bench does unless it already does), `solution` and `key_steps`."""
+    images = row_images(row, i, name)
+    column = next((c for c in ("prompt", "question", "problem") if row.get(c)), None)
+    if column is None:
+        raise BadRow(name, i, "question", "no question (looked in 'prompt', 'question', 'problem')")
+    question = without_slots(str(row[column]), images, i, name)
+    solution = row.get("solution")
+    answer = row.get("answer")
+    if answer is None and FINAL in (solution or ""):  # step-wise CoT rows
+        answer = solution.rpartition(FINAL)[2].strip().partition("\n")[0]
+    if not (answer := str(answer if answer is not None else "").strip()):
+        raise BadRow(name, i, "answer", f"no answer (nor a '{FINAL}' line in a solution)")
+    choices = [str(c) for c in row.get("choices") or []] or None
+    if choices and answer not in choices:  # then it is a letter: "B" or "(B)"
+        letter = answer.strip("() ").upper()
+        if len(letter) != 1 or not 0 <= LETTERS.find(letter) < len(choices):
+            raise BadRow(name, i, "answer", f"{answer!r} is neither one of the choices nor a letter of one")
+        answer = choices[LETTERS.index(letter)]
+    if choices and f"(A) {choices[0]}" not in question:  # the question does not list them yet
+        question = with_choices(question, choices)
     return {
-        "images": row_images(row, i, name),
-        "question": row["problem"],
+        "images": images,
+        "question": question,
         "answer": answer,
-        "choices": None,
-        "task": row.get("task") or "step",
-        "source": name,
+        "choices": choices,
+        "task": row.get("task") or "untagged",
+        "source": row.get("source") or name,
         "solution": solution,
         "key_steps": key_steps(row),
     }
+
+
+def with_choices(question, choices):
+    """The question, then its lettered choices as CV-Bench writes them."""
+    options = "\n".join(f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
+    return f"{question} Select from the following choices.\n{options}"
+
+
+def turn_text(content):
+    """A chat turn's text: a string, or the text parts of a list of {"type", "text"} parts."""
+    if isinstance(content, str):
+        return content
+    return " ".join(x.get("text") or "" for x in content or [] if isinstance(x, dict))
 
 
 def from_chat(row, i, name):
     """Chat SFT rows (Mulberry-SFT, Vision-R1-cold): role/content or from/value turns, plus `images`.
     The first user turn is the prompt, the assistant turn after it the SFT target."""
     column = "messages" if row.get("messages") else "conversations"
-    text = lambda c: (
-        c if isinstance(c, str) else " ".join(x.get("text") or "" for x in c or [] if isinstance(x, dict))
-    )
     turns = [
-        (
-            {"human": "user", "gpt": "assistant"}.get(
-                t.get("role") or t.get("from"), t.get("role") or t.get("from")
-            ),
-            text(t["content"] if t.get("content") is not None else t.get("value")),
-        )
-        for t in row.get(column) or []
+        (t.get("role") or t.get("from"), t.get("content") or t.get("value")) for t in row.get(column) or []
     ]
-    roles = [role for role, _ in turns]
+    roles = [{"human": "user", "gpt": "assistant"}.get(role, role) for role, _ in turns]
     if "user" not in roles or "assistant" not in roles[roles.index("user") :]:
         raise BadRow(name, i, column, "needs a user turn followed by an assistant turn")
-    question, images = turns[roles.index("user")][1], row_images(row, i, name)
-    if question.count("<image>") not in (0, len(images)):
-        raise BadRow(name, i, "images", f"{len(images)} images for {question.count('<image>')} <image> slots")
+    images = row_images(row, i, name)
     return {
         "images": images,
-        "question": question.replace("<image>", "").strip(),
+        "question": without_slots(turn_text(turns[roles.index("user")][1]), images, i, name),
         "answer": None,
         "choices": None,
         "task": "sft",
         "source": name,
-        "target": turns[roles.index("assistant", roles.index("user"))][1],
+        "target": turn_text(turns[roles.index("assistant", roles.index("user"))][1]),
     }
 
 
@@ -205,9 +223,59 @@ def from_sat(row, i, name, rng):
     }
 
 
-def load_examples(spec, split, seed=0, skip_bad=False):
-    """`synthetic[:N[:Task,...]]`, a hub id, a local data set folder, or a .json/.jsonl/.parquet/.csv file. A bad
-    row stops the load with its data set, row and column named, or with skip_bad is skipped and counted."""
+# --------------------------------------------------------------------------- loading
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def read_json(path):
+    """The rows of a .json/.jsonl file: one list of objects, or one object a line. Parsed here rather than by
+    datasets, so that a syntax error names its line, and rows need not agree on their columns' types."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data set {path!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    listed, rows, n = text.lstrip().startswith("["), [], 0
+    try:
+        if listed:
+            rows = json.loads(text)
+        else:  # JSON Lines
+            for n, line in enumerate(text.split("\n"), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+        line = e.lineno if listed else n
+        raise ValueError(f"data set {path!r}, line {line}: not valid JSON ({e.msg})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"data set {path!r}: expected a list of JSON objects, or one object a line")
+    return rows
+
+
+def read_table(spec, split):
+    """A .parquet/.csv file, a data set folder or a hub id, through datasets: a memory-mapped table."""
+    import datasets  # imported here: start-up stays fast for the synthetic path
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is reported below, in one line
+    try:
+        if os.path.isfile(spec):
+            ds = datasets.load_dataset(FILE_TYPES[os.path.splitext(spec)[1]], data_files=spec)
+        else:
+            ds = datasets.load_dataset(spec)
+    except Exception as e:  # noqa: BLE001 -- whatever it is, it is this data set's: say what, in one line
+        if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__:
+            e = e.__cause__  # what went wrong inside datasets' generic wrapper
+        first_line = str(e).partition("\n")[0]
+        raise ValueError(f"data set {spec!r}: cannot load it ({type(e).__name__}: {first_line})") from None
+    return ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only/first one
+
+
+def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
+    """`synthetic[:N[:Task,...]]`, a .json/.jsonl/.parquet/.csv file, a data set folder or a hub id. Only the rows
+    the run uses are read: SAT's single-image ones, and of those (or of all) a seeded sample of max_rows
+    (0: all); images stay bytes or paths until a batch needs them. A bad row stops the load with its data
+    set, row and column named, or with skip_bad is skipped and counted."""
+    ext = os.path.splitext(spec)[1]
     if spec.startswith("synthetic"):
         n, tasks = (spec + "::").split(":")[1:3]
         if bad := [t for t in tasks.split(",") if tasks and t not in TASKS + ("Color",)]:
@@ -215,53 +283,47 @@ def load_examples(spec, split, seed=0, skip_bad=False):
                 f"data set {spec!r}: no synthetic task {bad[0]!r} ({', '.join(TASKS + ('Color',))})"
             )
         rows = synthetic_rows(int(n or 2000), seed + (split != "train"), tasks.split(",") if tasks else TASKS)
-        return [{**from_cvbench(r, i, spec), "row": i} for i, r in enumerate(rows)]
-    import datasets  # imported here: start-up stays fast for the synthetic path
-
-    ext = {"jsonl": "json"}.get(os.path.splitext(spec)[1][1:], os.path.splitext(spec)[1][1:])
-    ds = datasets.load_dataset(ext, data_files=spec) if os.path.isfile(spec) else datasets.load_dataset(spec)
-    ds = ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only/first one
-    cols, rng, out, multi, skipped = set(ds.column_names), random.Random(seed), [], 0, collections.Counter()
-    if not (
-        "image_bytes" in cols
-        or {"prompt", "choices", "answer"} <= cols
-        or "problem" in cols
-        or cols & {"messages", "conversations"}
-    ):
+    elif not os.path.exists(spec) and (ext in FILE_TYPES or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
+        raise ValueError(f"data set {spec!r}: no such file or folder")
+    elif os.path.isfile(spec) and ext not in FILE_TYPES:
+        raise ValueError(f"data set {spec!r}: expected a .json, .jsonl, .parquet or .csv file")
+    elif ext in (".json", ".jsonl") and os.path.isfile(spec):
+        rows = read_json(spec)
+    else:
+        rows = read_table(spec, split)
+    columns = set().union(*rows) if isinstance(rows, list) else set(rows.column_names)
+    keep = list(range(len(rows)))
+    if "image_bytes" in columns:  # SAT: single-image rows only (r1zero trains on those)
+        adapter = functools.partial(from_sat, rng=random.Random(seed))
+        if isinstance(rows, list):
+            counts = [len(row.get("image_bytes") or []) for row in rows]
+        else:  # read from the arrow list offsets: no image is touched
+            counts = pc.list_value_length(rows.with_format("arrow")["image_bytes"]).to_pylist()
+        keep = [i for i, n in enumerate(counts) if n == 1]
+        print(f"{spec}: kept the {len(keep)} single-image rows of {len(rows)}")
+    elif columns & {"messages", "conversations"}:
+        adapter = from_chat
+    elif columns & {"prompt", "question", "problem"} and columns & {"answer", "solution"}:
+        adapter = from_plain
+    else:
         raise ValueError(
-            f"data set {spec!r}: columns {sorted(cols)} match no known schema "
-            "(SAT, CV-Bench, step-wise CoT, math RL, chat SFT)"
+            f"data set {spec!r}: columns {sorted(columns)} match no known schema; expected plain (image|images|"
+            "image_path, prompt|question|problem, answer|solution), SAT (image_bytes, question, answers, "
+            "correct_answer) or chat (messages|conversations, images)"
         )
-    for i in range(len(ds)):
+    if 0 < max_rows < len(keep):  # a seeded sample, drawn before any row is read
+        keep = sorted(random.Random(seed).sample(keep, max_rows))
+        print(f"{spec}: using a seeded sample of {max_rows} rows (--max-rows)")
+    out, skipped = [], collections.Counter()
+    if isinstance(rows, list):
+        rows = [rows[i] for i in keep]
+    else:  # only the kept rows are read, a batch at a time, images as stored ({"bytes", "path"}): none decoded
+        rows = itertools.chain.from_iterable(
+            b.to_pylist() for b in rows.select(keep).with_format("arrow").iter(256)
+        )
+    for i, row in zip(keep, rows):
         try:
-            try:
-                row = ds[i]  # decodes the row's images: a corrupt one fails here
-            except OSError as e:
-                raise BadRow(
-                    spec, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})"
-                ) from None
-            if "image_bytes" in cols:  # SAT: single-image rows only (r1zero trains on those)
-                if len(row["image_bytes"] or []) != 1:
-                    multi += 1
-                    continue
-                ex = from_sat(row, i, spec, rng)
-            elif {"prompt", "choices", "answer"} <= cols:
-                ex = from_cvbench(row, i, spec)
-            elif {"problem", "solution"} <= cols:
-                ex = from_stepwise(row, i, spec)
-            elif {"problem", "answer"} <= cols:  # math RL rows (geometry3k / Vision-R1-rl)
-                if not str(row.get("answer") or "").strip():
-                    raise BadRow(spec, i, "answer", "no answer")
-                ex = {
-                    "images": row_images(row, i, spec),
-                    "question": row["problem"],
-                    "answer": str(row["answer"]),
-                    "choices": None,
-                    "task": "math",
-                    "source": spec,
-                }
-            else:
-                ex = from_chat(row, i, spec)
+            ex = adapter(row, i, spec)
             check_images(ex, i, spec)
             out.append({**ex, "row": i})
         except BadRow as e:
@@ -271,10 +333,8 @@ def load_examples(spec, split, seed=0, skip_bad=False):
     if skipped:
         counts = ", ".join(f"{n} x {reason}" for reason, n in skipped.items())
         print(f"{spec}: skipped {sum(skipped.values())} bad rows: {counts}")
-    if multi:
-        print(f"{spec}: kept {len(out)} single-image rows, left out {multi} multi-image rows")
-    no_steps = sum(1 for ex in out if "key_steps" in ex and not ex["key_steps"])
-    if no_steps and "solution" in cols:
+    no_steps = sum(1 for ex in out if FINAL in (ex.get("solution") or "") and not ex["key_steps"])
+    if no_steps:  # step-wise rows
         print(f"{spec}: {no_steps} rows have no key steps (StepRAR gives them k = 0)")
     if not out:
         raise ValueError(f"data set {spec!r} (split {split!r}) has no usable rows")
@@ -341,12 +401,8 @@ def synthetic_rows(n, seed, tasks=TASKS):
         elif task == "Color":  # one big shape, whose colour alone answers
             c, r = rng.choice(list(COLORS)), rng.randint(30, 42)
             draw(d, rng.choice(SHAPES), c, rng.randint(r, W - r), rng.randint(r, H - r), r, drawn)
-            q, choices, steps, keys = (
-                "What colour is the shape?",
-                list(COLORS),
-                [f"The shape is {c}."],
-                [[f"is {c}"]],
-            )
+            q, choices = "What colour is the shape?", list(COLORS)
+            steps, keys = [f"The shape is {c}."], [[f"is {c}"]]
         else:  # Distance: which of two objects is nearer (in the picture) to a third
             pts = [(rng.randint(10, W - 10), rng.randint(10, H - 10)) for _ in range(3)]
             dist = [abs(complex(*pts[j]) - complex(*pts[0])) for j in (1, 2)]
@@ -362,11 +418,7 @@ def synthetic_rows(n, seed, tasks=TASKS):
         gold = c if task == "Color" else choices[0]
         if task != "Color":
             rng.shuffle(choices)
-        prompt = (
-            q
-            + " Select from the following choices.\n"
-            + "\n".join(f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
-        )
+        prompt = with_choices(q, choices)
         answer = f"({LETTERS[choices.index(gold)]})"
         solution = (
             f"### Image Description:\nThe image shows {', '.join(sorted(set(drawn)))}.\n"

@@ -68,6 +68,7 @@ class Args:
     data: str = flag(
         "array/SAT", "training data: hub id, folder, .json/.jsonl/.parquet, or 'synthetic[:N[:Task,...]]'"
     )
+    max_rows: int = flag(0, "a seeded sample of this many --data rows (SAT: single-image ones); 0 = all")
     eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data (protocol E), same forms as --data")
     out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json")
     prompt: str = flag(
@@ -95,7 +96,7 @@ class Args:
     max_grad_norm: float = flag(1.0, "gradient-norm clip")
     epochs: int = flag(2, "passes over the training data (when --max-steps is 0)")
     max_steps: int = flag(0, "optimizer steps; 0 = --epochs passes over the data")
-    sft_data: str = flag("", "warm-up / cold-start SFT data (step-wise CoT or chat rows); empty = --data")
+    sft_data: str = flag("", "SFT data (rows with a solution, or chat rows); r1zero/grpo: empty = --data")
     sft_epochs: int = flag(0, "SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)")
     sft_steps: int = flag(0, "SFT optimizer steps (overrides --sft-epochs)")
     sft_only: bool = flag(False, "run the SFT phase, write OUT/checkpoint and stop")
@@ -149,6 +150,7 @@ VARIANTS = {
         max_new_tokens=700,
         max_pixels=401408,
         data="array/SAT",
+        max_rows=15000,
     ),
     "grpo": dict(
         model="Qwen/Qwen2-VL-2B-Instruct",
@@ -159,6 +161,7 @@ VARIANTS = {
         max_new_tokens=700,
         max_pixels=401408,
         data="array/SAT",
+        max_rows=15000,
     ),
     "stepgrpo": dict(
         model="Qwen/Qwen2-VL-2B-Instruct",
@@ -238,6 +241,9 @@ def parse_args(argv=None):
         p.error(
             f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)"
         )
+    sft_on = args.sft_epochs or args.sft_steps or args.sft_only
+    if sft_on and not args.sft_data and args.variant in ("stepgrpo", "vision-r1"):  # warm-up set != RL set
+        p.error(f"--variant {args.variant} needs --sft-data (or --sft-epochs 0 for no SFT)")
     stage = r"[1-9]\d*:[1-9]\d*:[1-9]\d*"
     if args.ptst and not re.fullmatch(rf"{stage}(,{stage})*", args.ptst):
         p.error(
@@ -766,6 +772,12 @@ def main(argv=None):
         mesh = init_device_mesh(device.type, (world,))
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
+    # The data first: a mistake in it ends the run in seconds, not after the model has loaded
+    sft_on = (args.sft_epochs or args.sft_steps or args.sft_only) and not args.eval
+    rl_on = not (args.eval or args.sft_only)
+    sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args, sft=True) if sft_on else None
+    exs = load_examples_or_exit(args.data, "train", args, args.max_rows) if rl_on else None
+    eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
     model, processor, eos, banned = load_model(args)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
     # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
@@ -785,7 +797,6 @@ def main(argv=None):
             m.to(device)
     # One process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun.
     amp = torch.autocast(device.type, torch.bfloat16) if bf16 and mesh is None else contextlib.nullcontext()
-    eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
 
     def run_eval(name):  # protocol E on --eval-data, written to OUT/<name>.json
         with amp:
@@ -813,19 +824,14 @@ def main(argv=None):
     )
     # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
     in_rl = progress and progress["phase"] == "rl"
-    if (args.sft_epochs or args.sft_steps or args.sft_only) and not in_rl:
-        sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args, processor)
-        if missing := [i for i, ex in enumerate(sft_exs) if not (ex.get("solution") or ex.get("target"))]:
-            raise SystemExit(
-                f"error: SFT data set {args.sft_data or args.data!r}, row {missing[0]}: no 'solution' "
-                f"or assistant turn to learn from ({len(missing)} such rows)"
-            )
+    if sft_on and not in_rl:
+        sft_exs = within_prompt_cap(sft_exs, args.sft_data or args.data, args, processor)
         sft(model, processor, sft_exs, args, banned, device, rank, world, log, record, amp, progress)
         if ref is not None:
             ref.load_state_dict(model.state_dict())
         if args.sft_only:
             return barrier(finish=True)
-    exs = load_examples_or_exit(args.data, "train", args, processor)
+    exs = within_prompt_cap(exs, args.data, args, processor)
     P = args.prompts_per_step
     # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
     stages = parse_ptst(args.ptst) or [
@@ -1000,22 +1006,36 @@ def over_ranks(stats, device, op=dist.ReduceOp.SUM):
     return stats
 
 
-def load_examples_or_exit(spec, which, args, processor=None):
-    """data.load_examples; a bad row ends the run (exit 2). A prompt is never cut, since it holds image tokens
-    (I4): one over --max-prompt-tokens, measured through the processor, is a bad row too."""
+def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
+    """data.load_examples, before any model is loaded: a missing or unreadable file, bad JSON, an unknown
+    schema or a bad row (for SFT also a row with nothing to learn from) ends the run: one line, exit 2."""
     try:
-        exs, cap = data.load_examples(spec, which, args.seed, args.skip_bad_rows), args.max_prompt_tokens
-        n = [encode(processor, [ex], args)["input_ids"].shape[1] if cap and processor else 0 for ex in exs]
-        if long := [i for i, k in enumerate(n) if cap and k > cap]:
-            if not args.skip_bad_rows:
-                raise data.BadRow(
-                    spec, exs[long[0]]["row"], "question", f"{n[long[0]]} tokens > --max-prompt-tokens"
-                )
-            print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
-        return [ex for ex, k in zip(exs, n) if not (cap and k > cap)]
-    except ValueError as e:
+        exs = data.load_examples(spec, which, args.seed, args.skip_bad_rows, max_rows)
+        if sft and (bad := [ex["row"] for ex in exs if not (ex.get("solution") or ex.get("target"))]):
+            raise ValueError(
+                f"data set {spec!r}, row {bad[0]}: no 'solution' or assistant turn to learn from"
+            )
+        return exs
+    except (ValueError, OSError) as e:
         print(f"grpo_vl.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def within_prompt_cap(exs, spec, args, processor):
+    """A prompt is never cut, since it holds image tokens (I4): one over --max-prompt-tokens, measured through
+    the processor, is a bad row: it ends the run (exit 2), or with --skip-bad-rows is skipped and counted."""
+    cap = args.max_prompt_tokens
+    n = [encode(processor, [ex], args)["input_ids"].shape[1] if cap else 0 for ex in exs]
+    long = [j for j in range(len(exs)) if cap and n[j] > cap]
+    if long and not args.skip_bad_rows:
+        why = f"{n[long[0]]} tokens > --max-prompt-tokens"
+        print(
+            f"grpo_vl.py: error: {data.BadRow(spec, exs[long[0]]['row'], 'question', why)}", file=sys.stderr
+        )
+        raise SystemExit(2)
+    if long:
+        print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
+    return [ex for j, ex in enumerate(exs) if j not in long]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Schema D adapters on local files, bad rows, prompts P1/P2, and the synthetic task."""
 
 import io
+import os
 
 import pytest
 from PIL import Image
@@ -118,7 +119,7 @@ def test_sat_adapter_keeps_single_image_rows_and_shuffles_options(tmp_path, caps
         },
     )
     exs = load_examples(path, "train", seed=0)
-    assert len(exs) == 2 and "left out 1 multi-image rows" in capsys.readouterr().out
+    assert len(exs) == 2 and "kept the 2 single-image rows of 3" in capsys.readouterr().out
     assert exs[0]["answer"] == "the chair" and exs[0]["choices"] is None
     assert exs[1]["question"].startswith("Which is nearer? Choose between the following options: ")
     assert sorted(exs[1]["question"].split(": ")[1].replace(" or ", ", ").split(", ")) == [
@@ -200,3 +201,83 @@ def test_corrupt_embedded_image_names_its_row(tmp_path):
     with pytest.raises(ValueError, match="row 1, column 'image': unreadable image"):
         load_examples(path, "test")
     assert len(load_examples(path, "test", skip_bad=True)) == 1
+
+
+def test_plain_rows_any_image_and_question_column_letters_and_relative_paths(tmp_path):
+    """The plain schema: image | images | image_path, question | prompt | problem, answer; choices with the
+    answer as text or letter; relative image paths are relative to the data file's folder."""
+    import json
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "img" / "a.png")
+    rows = [
+        {"image": "img/a.png", "question": "What colour?", "answer": "red"},
+        {"images": ["img/a.png"], "problem": "<image>Find x.", "answer": 3, "solution": "x is 3."},
+        {"image_path": "img/a.png", "prompt": "Which?", "choices": ["left", "right"], "answer": "(B)"},
+        {"image": "img/a.png", "question": "Which?", "choices": ["B", "A"], "answer": "A", "task": "T"},
+    ]
+    path = tmp_path / "plain.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line is no row
+    exs = load_examples(str(path), "train")
+    assert [e["answer"] for e in exs] == ["red", "3", "right", "A"]  # "A" is an option: text, not a letter
+    assert [e["images"] for e in exs] == [[str(tmp_path / "img" / "a.png")]] * 4
+    assert exs[1]["question"] == "Find x." and exs[1]["choices"] is None
+    assert exs[2]["question"] == "Which? Select from the following choices.\n(A) left\n(B) right"
+    assert [e["task"] for e in exs] == ["untagged"] * 3 + ["T"]
+    # a free-text solution is taught as <think>solution</think><answer>answer</answer>
+    assert data.sft_target(exs[1], "instruct") == "<think>x is 3.</think><answer>3</answer>"
+    assert data.sft_target(exs[1], "step") == "x is 3.\n### The final answer is: 3"
+    # a .json list of the same rows, same examples
+    (tmp_path / "plain.json").write_text(json.dumps(rows, indent=1))
+    assert load_examples(str(tmp_path / "plain.json"), "train") == [
+        {**e, "source": str(tmp_path / "plain.json")} for e in exs
+    ]
+    path.write_text(json.dumps({**rows[0], "choices": ["x", "y"], "answer": "C"}))
+    with pytest.raises(ValueError, match="row 0, column 'answer': 'C' is neither one of the choices"):
+        load_examples(str(path), "train")
+
+
+def sat_parquet(tmp_path, n):
+    import datasets
+
+    path = str(tmp_path / "sat.parquet")
+    datasets.Dataset.from_dict(
+        {
+            "image_bytes": [[png()] * (2 if i % 5 == 4 else 1) for i in range(n)],
+            "question": [f"q{i}" for i in range(n)],
+            "answers": [["a", "b"]] * n,
+            "correct_answer": ["a"] * n,
+        }
+    ).cast_column("image_bytes", datasets.List(datasets.Image())).to_parquet(path)
+    return path
+
+
+def test_max_rows_samples_single_image_rows_and_reads_only_those(tmp_path, monkeypatch):
+    path, opened, real = sat_parquet(tmp_path, 50), [], data.open_image  # rows 4, 9, ... have two images
+
+    def counted(im):
+        opened.append(im)
+        return real(im)
+
+    monkeypatch.setattr(data, "open_image", counted)
+    exs = load_examples(path, "train", seed=0, max_rows=10)
+    rows = [e["row"] for e in exs]
+    assert len(rows) == 10 and rows == sorted(rows) and all(r % 5 != 4 for r in rows)
+    assert len(opened) == 10  # the other 30 single-image rows' images are never opened
+    assert isinstance(exs[0]["images"][0], dict) and exs[0]["images"][0]["bytes"] == png()  # not decoded
+    assert [e["row"] for e in load_examples(path, "train", seed=0, max_rows=10)] == rows  # seeded
+    assert [e["row"] for e in load_examples(path, "train", seed=1, max_rows=10)] != rows
+    assert (
+        len(load_examples(path, "train", max_rows=0)) == len(load_examples(path, "train", max_rows=99)) == 40
+    )
+
+
+def test_r1zero_default_is_15k_sat_rows_for_3750_steps_and_tiny_still_loads():
+    import grpo_vl as g
+
+    for variant in ("r1zero", "grpo"):
+        a = g.parse_args(["--variant", variant])
+        assert (a.data, a.max_rows, a.epochs * a.max_rows // a.prompts_per_step) == ("array/SAT", 15000, 3750)
+    assert "**3,750 steps**" in open(os.path.join(os.path.dirname(data.__file__), "README.md")).read()
+    tiny = g.parse_args(["--model", "tiny"])  # offline synthetic data: 2,000 rows, under the cap
+    assert len(load_examples(tiny.data, "train", max_rows=tiny.max_rows)) == 2000

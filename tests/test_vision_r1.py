@@ -106,8 +106,9 @@ def test_ptst_spec_parses_and_bad_specs_exit_2(capsys):
             g.parse_args(["--ptst", bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and ("--ptst" in err or "must be at least 2" in err), err
-    assert g.parse_args(["--variant", "vision-r1", "--data", "x"]).ptst == "4096:16:100,8192:8:100"
-    assert g.parse_args(["--variant", "vision-r1", "--model", "tiny", "--ptst", "64:8:3"]).ptst == "64:8:3"
+    cold = ["--variant", "vision-r1", "--sft-data", "x"]
+    assert g.parse_args(cold + ["--data", "x"]).ptst == "4096:16:100,8192:8:100"
+    assert g.parse_args(cold + ["--model", "tiny", "--ptst", "64:8:3"]).ptst == "64:8:3"
 
 
 def test_math_rl_rows(tmp_path):
@@ -124,8 +125,8 @@ def test_math_rl_rows(tmp_path):
     ).to_json(path)
     with pytest.raises(ValueError, match="row 1, column 'answer': no answer"):
         data.load_examples(path, "train")
-    datasets.Dataset.from_list(
-        [{"images": [str(tmp_path / "g.png")], "problem": "Find x.", "answer": "2\\sqrt{3}"}]
+    datasets.Dataset.from_list(  # geometry3k rows carry an <image> placeholder: the prompt places the image
+        [{"images": [str(tmp_path / "g.png")], "problem": "<image>Find x.", "answer": "2\\sqrt{3}"}]
     ).to_json(path)
     (ex,) = data.load_examples(path, "train")
     assert (
@@ -170,6 +171,8 @@ def test_vision_r1_cold_start_then_two_ptst_stages(tmp_path):
             "vision-r1",
             "--model",
             "tiny",
+            "--sft-data",
+            "synthetic:32",
             "--data",
             "synthetic:32",
             "--sft-steps",

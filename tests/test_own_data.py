@@ -1,0 +1,166 @@
+"""Your own data: a mistake in --data, --sft-data or --eval-data ends the run before the model is loaded,
+with one line on stderr and exit code 2; a plain-schema JSONL with image paths trains; the README's examples
+load."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+import data
+import grpo_vl as g
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = [
+    {"image": "img/red.png", "question": "What colour is the shape?", "answer": "red"},
+    {"image": "img/blue.png", "question": "Which colour?", "choices": ["red", "blue"], "answer": "B"},
+    {
+        "images": ["img/red.png"],
+        "problem": "<image>Name the colour.",
+        "answer": "red",
+        "solution": "It is red.",
+    },
+    {"image_path": "img/blue.png", "prompt": "Colour?", "choices": ["blue", "green"], "answer": "blue"},
+]
+
+
+def write_plain(folder):
+    (folder / "img").mkdir(exist_ok=True)
+    Image.new("RGB", (56, 56), "red").save(folder / "img" / "red.png")
+    Image.new("RGB", (56, 56), "blue").save(folder / "img" / "blue.png")
+    (folder / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return str(folder / "plain.jsonl")
+
+
+def bad_inputs(tmp_path):
+    """(flags, the line expected on stderr) for each kind of mistake."""
+    good = write_plain(tmp_path)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + '\n{"image": "img/red.png",\n')
+    listed = tmp_path / "listed.json"
+    listed.write_text('[\n {"image": "img/red.png"},\n {"image": }\n]')
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00\x01")
+    (tmp_path / "garbage.parquet").write_bytes(b"not a parquet file at all")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"picture": "img/red.png", "text": "hi"}) + "\n")
+    missing = str(tmp_path / "nope.jsonl")
+    return [
+        (["--data", missing], f"data set {missing!r}: no such file or folder"),
+        (["--data", "no/such/folder"], "data set 'no/such/folder': no such file or folder"),
+        (
+            ["--data", str(broken)],
+            f"data set {str(broken)!r}, line 3: not valid JSON (Expecting property name",
+        ),
+        (["--data", str(listed)], f"data set {str(listed)!r}, line 3: not valid JSON (Expecting value)"),
+        (
+            ["--data", str(tmp_path / "binary.jsonl")],
+            "binary.jsonl': not UTF-8 text (invalid start byte at byte 0)",
+        ),
+        (
+            ["--data", str(tmp_path / "garbage.parquet")],
+            "garbage.parquet': cannot load it (",
+        ),
+        (
+            ["--data", "nobody/no-such-set"],
+            "data set 'nobody/no-such-set': cannot load it (",
+        ),
+        (
+            ["--data", str(tmp_path / "other.jsonl")],
+            "columns ['picture', 'text'] match no known schema; expected",
+        ),
+        (["--data", good, "--sft-data", missing, "--sft-steps", "1"], f"data set {missing!r}: no such file"),
+        (
+            ["--data", good, "--eval-data", missing, "--eval-every", "1"],
+            f"data set {missing!r}: no such file",
+        ),
+        (["--eval", "--eval-data", str(broken)], "broken.jsonl', line 3: not valid JSON"),
+        (
+            ["--data", good, "--sft-steps", "1"],
+            "row 0: no 'solution' or assistant turn to learn from",
+        ),  # rows 0, 1, 3 have nothing to learn from
+    ]
+
+
+def test_every_data_mistake_ends_the_run_before_the_model_with_one_line(tmp_path, capfd, monkeypatch):
+    def no_model(args):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(g, "load_model", no_model)
+    for flags, line in bad_inputs(tmp_path):
+        with pytest.raises(SystemExit) as e:
+            g.main(["--model", "tiny", "--out", str(tmp_path / "o"), *flags])
+        err = capfd.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (flags, err)
+        assert err.startswith("grpo_vl.py: error: ") and line in err, (flags, err)
+
+
+def test_a_data_mistake_from_the_command_line_is_one_line_in_seconds(tmp_path):
+    flags, line = bad_inputs(tmp_path)[2]  # a JSON syntax error
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "grpo_vl.py", "--model", "tiny", "--out", str(tmp_path / "o"), *flags],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    print(f"\nfailed in {time.time() - t0:.1f} s: {p.stderr.strip()}")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and line in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "o" / "metrics.jsonl")
+
+
+def test_two_steps_on_a_plain_jsonl_with_image_paths(tmp_path):
+    """Two GRPO steps and an evaluation on the plain rows; their image paths are relative to the file."""
+    path, out = write_plain(tmp_path), str(tmp_path / "run")
+    g.main(
+        [
+            "--model",
+            "tiny",
+            "--data",
+            path,
+            "--eval-data",
+            path,
+            "--eval-every",
+            "2",
+            "--eval-max-new-tokens",
+            "8",
+            "--max-steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--out",
+            out,
+            "--log-completions-every",
+            "1",
+        ]
+    )
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] == r["grad_norm"] for r in rows)
+    gold = {e["question"]: e["answer"] for e in data.load_examples(path, "train")}
+    lines = [json.loads(x) for x in open(os.path.join(out, "trajectories", "step_000001.jsonl"))]
+    assert len(lines) == 2 * 8 and len({t["question"] for t in lines}) == 2
+    assert all(gold[t["question"]] == t["answer"] for t in lines)  # the rewards saw the rows' own answers
+    report = json.load(open(os.path.join(out, "eval_step2.json")))
+    assert report["n"] == 4 and set(report["per_task"]) == {"untagged"}
+
+
+def test_the_readmes_jsonl_examples_load(tmp_path):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Bring your own data", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```jsonl\n(.*?)```", section, re.S)
+    assert len(blocks) == 5 and all(len(b.strip().splitlines()) == 2 for b in blocks)
+    (tmp_path / "images").mkdir()
+    for name in set(re.findall(r"images/(\w+\.png)", section)):
+        Image.new("RGB", (40, 40)).save(tmp_path / "images" / name)
+    for j, block in enumerate(blocks):
+        (tmp_path / f"{j}.jsonl").write_text(block)
+        exs = data.load_examples(str(tmp_path / f"{j}.jsonl"), "train")
+        assert len(exs) == 2 and all(os.path.exists(im) for ex in exs for im in ex["images"])
+        assert all(ex.get("answer") or ex.get("target") for ex in exs)
