@@ -1,15 +1,30 @@
 """grpo-vl: GRPO reinforcement learning for vision-language models (Qwen2-VL / Qwen2.5-VL), in plain PyTorch.
 
-GRPO in five lines (RECIPES §G): for each prompt (image + question) sample a group of G completions;
-score each with rule-based rewards (G1); the advantage of a completion is its reward standardised
-within its group (G2) -- no value network; maximise the PPO-style clipped ratio objective (G3, G5)
-minus beta times a k3 estimate of the KL to the frozen starting model (G4), averaged per sequence (G6).
+GRPO in five lines: for each prompt (image + question) sample a group of G completions; score each with
+rule-based rewards (G1); the advantage of a completion is its reward standardised within its group (G2) --
+no value network; maximise the PPO-style clipped ratio objective (G3, G5) minus beta times a k3 estimate
+of the KL to the frozen starting model (G4), averaged per sequence (G6).
 
 Run it:
     python grpo_vl.py --variant r1zero --model tiny --data synthetic --max-steps 20   # laptop CPU, seconds
     python grpo_vl.py --variant r1zero                                                # one GPU
-    torchrun --nproc_per_node=4 grpo_vl.py --variant r1zero                           # 4 GPUs, FSDP2
+    torchrun --nproc_per_node=4 grpo_vl.py --variant stepgrpo --data D --sft-data S   # 4 GPUs, FSDP2
     python grpo_vl.py --eval --model runs/grpo/checkpoint --eval-data nyu-visionx/CV-Bench   # protocol E
+
+Reading order: the flags and the variant table; the GRPO math (masks, log-probs, advantage, loss); the
+rollout; the training loop, numbered 1-7; then the engineering (set-up, FSDP2, batches, SFT, evaluation,
+checkpoints, models).
+
+Labels in comments (README.md's "Labels" table gives each one's paper and equation):
+    G1-G9  the GRPO equations: G1 reward sum, G2 group advantage, G3 ratio, G4 k3 KL, G5 clipped
+           objective, G6 aggregation, G7 policy epochs, G8 temperature, G9 completion mask
+    R1-R7  the rewards (rewards.py): R1 accuracy, R2 format, R3 length, R4 StepRAR, R5 StepRVR,
+           R6 HFRRF, R7 reflection rate (a metric)
+    P1-P4  the prompts (data.py): P1 base model, P2 instruct, P3 step-wise, P4 Vision-R1
+    I1-I10 implementation details peers got wrong: I1 one temperature, I2 left padding, I3 pixel rows,
+           I4 no cut prompts, I5 no vision tokens sampled, I6 mm_token_type_ids, I7 logits only where
+           needed, I8 groups aligned, I9 FSDP2 units, I10 loadable checkpoints
+    table V the variants (VARIANTS below); protocol E the evaluation; PTST Vision-R1's staged RL
 
 Deliberate simplifications:
  1. Rollouts use transformers' generate (KV cache) with the FSDP parameters gathered once per rollout,
@@ -24,6 +39,7 @@ import argparse
 import bisect
 import contextlib
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -140,6 +156,8 @@ class Args:
 
 
 # Table V. Every value is only a default: a flag given on the command line wins.
+
+
 VARIANTS = {
     "r1zero": dict(
         model="Qwen/Qwen2-VL-2B",
@@ -196,6 +214,8 @@ VARIANTS = {
     ),
 }
 # --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M random model notices
+
+
 TINY = dict(
     data="synthetic",
     eval_data="synthetic:64",
@@ -206,6 +226,398 @@ TINY = dict(
     sft_batch=8,
     gradient_checkpointing=False,
 )
+
+
+# ============================================================================ the GRPO math
+def completion_mask(completion, eos):
+    """G9: a completion counts up to and including its first EOS; what follows is padding.
+    Returns the mask (N, C) and which completions hit the length cap (N,)."""
+    is_eos = torch.isin(completion, torch.tensor(eos))
+    C = completion.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)  # (N,) index of the first EOS
+    return (torch.arange(C)[None] <= first[:, None]).float(), ~is_eos.any(1)
+
+
+LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 512 x 151,936 x 4 B = 0.3 GB
+
+
+def token_logprobs(model, b, T, banned, device):
+    """log pi(o_t | q, o_<t) of each completion token, from logits / T with the sampling-time banned
+    tokens removed: exactly the distribution the token was drawn from (G8). Returns (N, C)."""
+    comp = b["completion"].to(device)
+    N, C = comp.shape
+    out = model(
+        input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
+        attention_mask=torch.cat([b["attention_mask"].to(device), b["mask"].to(device).long()], 1),
+        mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
+        pixel_values=b["pixel_values"].to(device),
+        image_grid_thw=b["image_grid_thw"].to(device),
+        logits_to_keep=1,  # the model's own logits: one position; ours are below
+        output_hidden_states=-1,  # the last layer's (normed) states only
+        use_cache=False,
+    )
+    h = out.hidden_states[-1][:, -C - 1 : -1].reshape(N * C, -1)  # (N*C, H): the states that predict o_1..o_C
+    o = comp.reshape(N * C)
+    # I7: logits at completion positions only, LOGPROB_CHUNK tokens at a time, and recomputed in the backward
+    # (checkpoint) rather than kept: at 151,936 entries an (N, C, V) fp32 logits tensor is most of the memory.
+    logp = []
+    for s in range(0, N * C, LOGPROB_CHUNK):
+        chunk = (model.lm_head, h[s : s + LOGPROB_CHUNK], o[s : s + LOGPROB_CHUNK], T, banned)
+        logp.append(checkpoint(chunk_logprobs, *chunk, use_reentrant=False))
+    if not torch.is_grad_enabled() and isinstance(model, FSDPModule):
+        model.reshard()  # no backward follows (reference, pi_old): free the root's gathered parameters (I9)
+    return torch.cat(logp).view(N, C)
+
+
+def chunk_logprobs(lm_head, h, o, T, banned):
+    """log-softmax of logits / T at n positions, read at the tokens o: (n, H), (n,) -> (n,)."""
+    logits = lm_head(h).float() / T  # (n, V)
+    logits[:, banned] = float("-inf")  # never sampled (I5), so not part of the distribution either
+    return logits.gather(-1, o[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def group_advantages(r, G):
+    """G2: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std, one A_i per completion.
+    A group whose rewards are all equal teaches nothing: A = 0 exactly; frac_zero_std counts them."""
+    r = r.view(-1, G)  # (P, G)
+    A = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    flat = r.max(1).values == r.min(1).values  # (P,)
+    return A.masked_fill(flat[:, None], 0.0).view(-1), flat.float().mean().item()
+
+
+def grpo_loss(logp, old, ref, A, mask, args, n_completions, n_tokens):
+    """The loss of one micro-batch: -J, with the per-token objective (G3-G5)
+        L_it = min(rho_it * A_i, clip(rho_it, 1-eps, 1+eps) * A_i) - beta * D_it,
+        rho_it = exp(logp - old) (G3),   D_it = exp(ref - logp) - (ref - logp) - 1 >= 0 (G4, k3),
+    aggregated as G6: J = (1/G) sum_i (1/|o_i|) sum_t L_it, averaged over prompts (--loss-agg seq, the
+    papers), or sum_it L_it / sum_i |o_i| (token, DAPO). Over ranks: each rank divides by its own number of
+    completions (seq) or by the mean number of completion tokens per rank (token), and FSDP2 averages the
+    gradients over ranks, so the gradient is the one of the global mean. n_completions and n_tokens are
+    those denominators. Returns the loss, D (N, C) and where clipping changed L (N, C)."""
+    ratio = torch.exp(logp - old)  # (N, C) G3
+    surrogate = torch.min(ratio * A[:, None], ratio.clamp(1 - args.eps, 1 + args.eps) * A[:, None])  # G5
+    D = torch.exp(ref - logp) - (ref - logp) - 1 if ref is not None else torch.zeros_like(logp)  # G4
+    L = surrogate - args.beta * D
+    per_seq = torch.where(mask.bool(), L, 0.0).sum(1)  # padding zeroed, even an inf there (not 0 * inf)
+    if args.loss_agg == "seq":
+        loss = -(per_seq / mask.sum(1).clamp(min=1)).sum() / n_completions
+    else:
+        loss = -per_seq.sum() / n_tokens
+    # the clipped term wins (and the gradient is cut) only past 1+eps with A > 0, or below 1-eps with A < 0
+    clipped = ((ratio > 1 + args.eps) & (A[:, None] > 0)) | ((ratio < 1 - args.eps) & (A[:, None] < 0))
+    return loss, D, clipped.float()
+
+
+# ============================================================================ 1. the rollout
+@torch.no_grad()
+def rollout(model, processor, exs, args, eos, banned, device, seed):
+    """Sample G completions per prompt (G8) with the KV cache. Returns one batch per generate() call, each
+    with its completions, their G9 masks and "idx": completion j of this rank answers prompt j // G (I8)."""
+    G, n, batches = args.num_generations, args.gen_batch or len(exs), []
+    with gathered(model):
+        for start in range(0, len(exs), n):
+            chunk = exs[start : start + n]
+            groups = torch.arange(len(chunk)).repeat_interleave(G)  # 0,0,..,0, 1,1,..: never .repeat (I3)
+            b = take(encode(processor, chunk, args), groups)  # (P*G, L)
+            b["idx"] = torch.arange(start * G, (start + len(chunk)) * G)
+            torch.manual_seed(seed + start)  # depends on the prompt's global index only, not the rank count
+            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
+            b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (P*G, C)
+            b["mask"], b["truncated"] = completion_mask(b["completion"], eos)
+            batches.append(b)
+    return batches
+
+
+def sampling(args, banned):
+    """Plain sampling at T (G8, I1): transformers' default top_k=50 and hub configs' settings would change it."""
+    return dict(
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=args.max_new_tokens,
+        suppress_tokens=banned,
+    )
+
+
+def completion_text(text, args):
+    """What the rewards read: P1 ends its prompt with an opened <think>, so put it back (R2)."""
+    return "<think>" + text if args.prompt == "base" else text
+
+
+# ============================================================================ the training loop
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device, mesh = init_distributed()
+    log = print if rank == 0 else ignore  # rank 0 alone prints and writes
+    os.makedirs(args.out, exist_ok=True)
+    # The data first: a mistake in it ends the run in seconds, not after the model has loaded
+    sft_on = (args.sft_epochs or args.sft_steps or args.sft_only) and not args.eval
+    rl_on = not (args.eval or args.sft_only)
+    sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args, sft=True) if sft_on else None
+    exs = load_examples_or_exit(args.data, "train", args, args.max_rows) if rl_on else None
+    eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
+    model, ref, processor, eos, banned = prepare_models(args, device, mesh)
+    # One process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun.
+    bf16_autocast = use_bf16(args, device) and mesh is None
+    amp = torch.autocast(device.type, torch.bfloat16) if bf16_autocast else contextlib.nullcontext()
+    run = dict(processor=processor, eos=eos, banned=banned, device=device, rank=rank, world=world, amp=amp)
+    if args.eval:
+        run_eval(model, eval_exs, args, run, "eval")
+        return barrier(finish=True)
+
+    # --resume picks up where OUT/checkpoint left off: {"phase", "step", "sched", "args"}
+    saved = os.path.join(args.out, "checkpoint", "progress.json")
+    progress = json.load(open(saved)) if args.resume and os.path.exists(saved) else None
+    record = open_metrics(args.out, progress) if rank == 0 else ignore
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"{args.variant}: {args.model} ({n_params:.1f}M parameters), {world} rank(s), {device} -> {args.out}")
+    if progress:
+        log(f"resuming after {progress['phase']} step {progress['step']}")
+    # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
+    in_rl = progress is not None and progress["phase"] == "rl"
+    if sft_on and not in_rl:
+        sft_exs = within_prompt_cap(sft_exs, args.sft_data or args.data, args, processor)
+        sft(model, sft_exs, args, run, record, progress)
+        if ref is not None:
+            ref.load_state_dict(model.state_dict())
+        if args.sft_only:
+            return barrier(finish=True)
+    exs = within_prompt_cap(exs, args.data, args, processor)
+    P = args.prompts_per_step
+    # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
+    stages = parse_ptst(args.ptst)
+    if not stages:
+        stages = [
+            (args.max_new_tokens, args.num_generations, args.max_steps or args.epochs * (len(exs) // P))
+        ]
+    steps = sum(n for _, _, n in stages)
+    order = data_order(len(exs), steps * P, args.seed)
+    reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms; R3, R4 take flags
+    if "step_accuracy" in reward_fns:
+        reward_fns["step_accuracy"] = functools.partial(R.step_accuracy, alpha=args.alpha)
+    if args.length_bonus:
+        reward_fns["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(linear_decay, steps=steps))
+    log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(reward_fns)}")
+    if in_rl:
+        resume(model, opt, sched, ref, args)
+    elif args.eval_every:  # the starting point of RL, which the later evaluations are measured against
+        run_eval(model, eval_exs, args, run, "eval_step0")
+    for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
+        t0 = time.time()
+        stage, stage_args = ptst_stage(args, stages, step)  # the same prompts per step; G and the cap change
+        G = stage_args.num_generations
+        if step == 1 or ptst_stage(args, stages, step - 1)[0] != stage:
+            log(f"stage {stage + 1}: up to {stage_args.max_new_tokens} new tokens, G = {G}, from step {step}")
+        # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
+        mine = [exs[i] for i in my_share(order, step, P, rank, world)]
+        seed = args.seed + 1_000_003 * step + rank * P // world  # the same samples whatever the rank count
+        with amp:
+            batches = rollout(model, processor, mine, stage_args, eos, banned, device, seed)
+        t1 = time.time()
+        # ---- 2. reward (G1): the sum of the variant's rewards
+        texts = []
+        for b in batches:
+            texts += [completion_text(t, args) for t in processor.batch_decode(b["completion"], True)]
+        ex_of = [mine[j // G] for j in range(len(texts))]  # I8: completion j answers prompt j // G
+        n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()  # completion lengths (G9)
+        per_fn = {}
+        for name, fn in reward_fns.items():
+            per_fn[name] = torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
+        r = sum(per_fn.values())  # (P_local*G,) G1
+        # ---- 3. advantage (G2), within each group
+        A, frac_zero_std = group_advantages(r, G)
+        t2 = time.time()
+        # ---- 4. reference (G4) and old (G7) log-probs, no grad, in micro-batches
+        micro = [mb for b in batches for mb in split(b, args.micro_batch)]
+        with torch.no_grad(), amp:
+            for mb in micro:
+                mb["ref"] = None
+                mb["old"] = None  # mu = 1: pi_old is pi_theta itself, detached below; no extra forward (G7)
+                if ref is not None:
+                    mb["ref"] = token_logprobs(ref, mb, args.temperature, banned, device)
+                if args.mu > 1:
+                    mb["old"] = token_logprobs(model, mb, args.temperature, banned, device)
+        t3 = time.time()
+        # ---- 5. policy update: mu epochs over the rollout batch (G5, G6)
+        n_tokens = sum(mb["mask"].sum() for mb in micro).item()  # this rank's completion tokens
+        n_tokens_per_rank = over_ranks({"n": n_tokens}, device)["n"]  # the token mean's denominator (G6)
+        for epoch in range(args.mu):
+            opt.zero_grad(set_to_none=True)
+            kl = clip_frac = loss_sum = 0.0
+            for mb in micro:
+                mask = mb["mask"].to(device)
+                with amp:
+                    logp = token_logprobs(model, mb, args.temperature, banned, device)  # (n, C)
+                old = logp.detach() if mb["old"] is None else mb["old"]  # G7: rho = 1 at mu = 1
+                A_mb = A[mb["idx"]].to(device)  # the advantages of this micro-batch's completions
+                loss, D, clipped = grpo_loss(
+                    logp, old, mb["ref"], A_mb, mask, args, len(r), n_tokens_per_rank
+                )
+                loss.backward()
+                loss_sum += loss.item()
+                kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
+                clip_frac += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
+            grad_norm = clip_and_step(params, opt, args.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        t4 = time.time()
+        # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
+        stats = {f"rewards/{name}": values.mean().item() for name, values in per_fn.items()}
+        stats["reward"] = r.mean().item()
+        stats["reward_std"] = r.view(-1, G).std(1).mean().item()
+        stats["frac_zero_std"] = frac_zero_std
+        stats["completion_len"] = sum(n_tok) / len(n_tok)
+        stats["kl"] = kl
+        stats["clip_frac"] = clip_frac
+        stats["loss"] = loss_sum
+        stats["truncated_frac"] = torch.cat([b["truncated"] for b in batches]).float().mean().item()
+        stats["reflection_rate"] = sum(R.reflects(t) for t in texts) / len(texts)  # R7
+        stats = over_ranks(stats, device)
+        stats["step"] = step
+        stats["phase"] = "rl"
+        stats["stage"] = stage + 1
+        stats["max_new_tokens"] = stage_args.max_new_tokens
+        stats["num_generations"] = G
+        stats["grad_norm"] = grad_norm
+        stats["lr"] = lr
+        stats["step_time"] = time.time() - t0
+        stats["time/rollout"] = t1 - t0
+        stats["time/reward"] = t2 - t1
+        stats["time/ref_old"] = t3 - t2
+        stats["time/update"] = t4 - t3
+        stats["completion_len_max"] = over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"]
+        record(stats)
+        terms = " ".join(f"{name} {stats['rewards/' + name]:.3f}" for name in per_fn)
+        log(
+            f"step {step}/{steps} | reward {stats['reward']:.3f} (std {stats['reward_std']:.2f}, zero-std "
+            f"{stats['frac_zero_std']:.2f}) | {terms} | len {stats['completion_len']:.0f} (cut "
+            f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s"
+        )
+        if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
+            write_trajectories(args.out, step, texts, ex_of, n_tok, per_fn, A)
+        # ---- 7. evaluate and checkpoint
+        if args.eval_every and (step % args.eval_every == 0 or step == steps):
+            run_eval(model, eval_exs, args, run, f"eval_step{step}")
+        if step == steps or (args.save_every and step % args.save_every == 0):
+            save_checkpoint(model, opt, sched, ref, processor, args, "rl", step, rank)
+    barrier(finish=True)
+
+
+def linear_decay(s, steps):
+    """The RL learning-rate factor at optimizer step s: 1 at the start, 0 at the end."""
+    return 1 - s / steps
+
+
+def write_trajectories(out, step, texts, ex_of, n_tok, per_fn, A):
+    """OUT/trajectories/step_N.jsonl: rank 0's completions with their rewards -- where an 'aha moment' is read."""
+    os.makedirs(os.path.join(out, "trajectories"), exist_ok=True)
+    with open(os.path.join(out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
+        for i, (text, ex) in enumerate(zip(texts, ex_of)):
+            row = {"question": ex["question"], "answer": ex["answer"], "completion": text, "tokens": n_tok[i]}
+            row["rewards"] = {name: values[i].item() for name, values in per_fn.items()}
+            row["advantage"] = A[i].item()
+            f.write(json.dumps(row) + "\n")
+
+
+# ============================================================================ engineering: set-up
+def init_distributed():
+    """(rank, world, device, mesh). Under torchrun one process per device and FSDP2 over all of them (nccl
+    on GPUs, gloo on CPU); a plain `python grpo_vl.py` uses no process group and no mesh."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        return rank, world, device, None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device, init_device_mesh(device.type, (world,))
+
+
+def ignore(*args, **kwargs):
+    """What printing and recording are on ranks other than 0."""
+
+
+def barrier(finish=False):
+    if dist.is_initialized():
+        dist.barrier()  # also before destroying the group: a teardown race was seen without it
+        if finish:
+            dist.destroy_process_group()
+
+
+def over_ranks(stats, device, op=dist.ReduceOp.SUM):
+    """Each value's mean over ranks (ranks hold equal numbers of completions), or its max."""
+    if dist.is_initialized():
+        t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        if op == dist.ReduceOp.SUM:
+            t = t / dist.get_world_size()
+        stats = dict(zip(stats, t.tolist()))
+    return stats
+
+
+def prepare_models(args, device, mesh):
+    """The policy (trainable, fp32 master weights) and the frozen reference (G4; none when beta = 0), each
+    sharded with FSDP2 under torchrun, with the run's freezing, checkpointing and precision."""
+    model, processor, eos, banned = load_model(args)
+    ref = None
+    if args.beta > 0 and not args.eval:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
+    if args.freeze == "vision":
+        model.model.visual.requires_grad_(False)
+    if args.freeze == "llm":
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    if args.gradient_checkpointing:  # non-reentrant: the kind that composes with FSDP2
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing acts in training mode only; generate() runs in eval mode (gathered)
+    for m in (model, ref):
+        if m is not None and mesh is not None:
+            shard(m, mesh, device, use_bf16(args, device))
+        elif m is not None:
+            m.to(device)
+    return model, ref, processor, eos, banned
+
+
+def parse_ptst(spec):
+    """'4096:16:100,8192:8:100' -> [(4096, 16, 100), (8192, 8, 100)]: (completion cap, G, steps) per stage."""
+    if not spec:
+        return []
+    return [tuple(int(n) for n in stage.split(":")) for stage in spec.split(",")]
+
+
+def ptst_stage(args, stages, step):
+    """PTST (Vision-R1): the stage (0-based) that step is in, and a copy of args with that stage's
+    completion cap and G; args itself is not changed."""
+    ends = list(itertools.accumulate(n for _, _, n in stages))
+    stage = bisect.bisect_left(ends, step)
+    cap, G, _ = stages[stage]
+    return stage, dataclasses.replace(args, max_new_tokens=cap, num_generations=G)
+
+
+def open_metrics(out, progress):
+    """OUT/metrics.jsonl, one JSON line per step, flushed line by line. On --resume the lines written after
+    the checkpoint are dropped first, so the file reads as if the run had never stopped."""
+    path = os.path.join(out, "metrics.jsonl")
+    if progress and os.path.exists(path):
+        kept = [line for line in open(path) if position(json.loads(line)) <= position(progress)]
+        open(path, "w").writelines(kept)
+    metrics = open(path, "a" if progress else "w", buffering=1)
+
+    def record(stats):
+        metrics.write(json.dumps(stats) + "\n")
+
+    return record
+
+
+def position(entry):
+    """Where a metrics line or a checkpoint stands in the run: SFT before RL, then the step."""
+    return (entry["phase"] == "rl", entry["step"])
 
 
 def parse_args(argv=None):
@@ -258,18 +670,335 @@ def parse_args(argv=None):
     return args
 
 
-def parse_ptst(spec):
-    """'4096:16:100,8192:8:100' -> [(4096, 16, 100), (8192, 8, 100)]: (completion cap, G, steps) per stage."""
-    return [tuple(map(int, stage.split(":"))) for stage in spec.split(",")] if spec else []
+# ============================================================================ engineering: FSDP2 (I9)
+def use_bf16(args, device):
+    """--precision: bf16 compute over fp32 master weights (auto: on GPU), or fp32 throughout."""
+    return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
 
 
-# ============================================================================ models
+def shard(model, mesh, device, bf16):
+    """fully_shard each vision block, each decoder layer, the vision tower, then the root. With bf16:
+    bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+    # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
+    # alone first. A text-only forward through the root settles it. Reshard after it: the root stays
+    # gathered after a forward, and an optimizer built now would hold those copies, not the shards.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    model.reshard()
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """For generate(): eval mode, since gradient checkpointing (a training-mode feature) turns the KV cache
+    off; under FSDP, the parameters gathered once for the whole call. Without that every generated token
+    all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
+    was_training = model.training
+    model.eval()
+    sharded = isinstance(model, FSDPModule)
+    if sharded:
+        model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
+        model.unshard()
+    yield
+    if sharded:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+    model.train(was_training)
+
+
+# ============================================================================ engineering: batches (I3)
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def take(batch, idx):
+    """Sequences `idx` of a batch. pixel_values holds one row per image patch of all the batch's images,
+    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen sequences' images.
+    take(b, arange(P).repeat_interleave(G)) expands prompts to groups; .repeat would interleave them."""
+    idx = torch.as_tensor(idx)
+    pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())  # one per image
+    images_of = torch.split(torch.arange(len(pixels)), batch["n_images"].tolist())  # each sequence's images
+    images = torch.cat([images_of[i] for i in idx.tolist()])  # (n,) the chosen sequences' images, in order
+    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    out["image_grid_thw"] = batch["image_grid_thw"][images]
+    out["pixel_values"] = torch.cat([pixels[i] for i in images.tolist()])
+    return out
+
+
+def encode(processor, exs, args):
+    return {
+        **data.encode(processor, exs, args.prompt, args.max_pixels),
+        "n_images": torch.tensor([len(ex["images"]) for ex in exs]),
+    }
+
+
+def split(b, size):
+    """Micro-batches of `size` sequences (gradient accumulation)."""
+    n = len(b["completion"])
+    return [take(b, torch.arange(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def data_order(n, needed, seed):
+    """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
+    return [i for epoch in range(-(-needed // n)) for i in random.Random(seed + epoch).sample(range(n), n)]
+
+
+def my_share(order, step, n, rank, world):
+    """This rank's part of step `step`'s n examples (whole groups: a prompt's G completions stay on one rank)."""
+    return order[(step - 1) * n : step * n][rank * n // world : (rank + 1) * n // world]
+
+
+# ============================================================================ engineering: SFT
+def sft_batch(processor, exs, args):
+    """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
+    'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
+    b, tok = encode(processor, exs, args), processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|endoftext|>" if args.prompt == "base" else "<|im_end|>")
+    ids = [tok(data.sft_target(ex, args.prompt), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
+    C = max(len(x) for x in ids)
+    b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])  # (B, C)
+    b["mask"] = (torch.arange(C)[None] < torch.tensor([len(x) for x in ids])[:, None]).float()
+    return b
+
+
+def sft(model, exs, args, run, record, progress):
+    """Next-token cross-entropy on the target tokens (a token mean over all ranks); AdamW with weight
+    decay, linear warm-up then cosine decay. The target is scored exactly as RL scores a completion."""
+    device, rank, world = run["device"], run["rank"], run["world"]
+    n = args.sft_batch
+    steps = args.sft_steps or args.sft_epochs * max(len(exs) // n, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
+    warm = max(1, round(args.sft_warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(warmup_cosine, warm=warm, steps=steps))
+    order = data_order(len(exs), steps * n, args.seed)
+    if rank == 0:
+        print(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
+    if progress and progress["phase"] == "sft":
+        resume(model, opt, sched, None, args)
+    for step in range(progress["step"] + 1 if progress else 1, steps + 1):
+        t0 = time.time()
+        b = sft_batch(run["processor"], [exs[i] for i in my_share(order, step, n, rank, world)], args)
+        n_tok = over_ranks({"n": b["mask"].sum().item()}, device)["n"]  # mean target tokens per rank
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for mb in split(b, args.micro_batch):  # / mean tokens per rank, then FSDP's mean = the token mean
+            with run["amp"]:
+                logp = token_logprobs(model, mb, 1.0, run["banned"], device)
+                nll = -(logp * mb["mask"].to(device)).sum() / n_tok
+            nll.backward()
+            loss += nll.item()
+        grad_norm = clip_and_step(params, opt, args.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        loss = over_ranks({"loss": loss}, device)["loss"]
+        seconds = time.time() - t0
+        stats = {"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
+        stats["tokens"] = n_tok * world
+        stats["step_time"] = seconds
+        record(stats)
+        if rank == 0:
+            print(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {seconds:.1f}s")
+        if step == steps or (args.save_every and step % args.save_every == 0):
+            save_checkpoint(model, opt, sched, None, run["processor"], args, "sft", step, rank)
+
+
+def warmup_cosine(s, warm, steps):
+    """The SFT learning-rate factor at step s: a linear warm-up over `warm` steps, then a cosine decay."""
+    if s < warm:
+        return (s + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
+
+
+def clip_and_step(params, opt, max_norm):
+    """Clip the gradient norm, then step -- unless it is not finite: then stop, keeping the last checkpoint."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
+    if not math.isfinite(grad_norm):
+        raise SystemExit(
+            f"error: gradient norm {grad_norm}; stopped, OUT/checkpoint keeps the last good weights"
+        )
+    opt.step()
+    return grad_norm
+
+
+# ============================================================================ engineering: evaluation (protocol E)
+def run_eval(model, exs, args, run, name):
+    """Protocol E on --eval-data, printed and written to OUT/<name>.json by rank 0."""
+    with run["amp"]:
+        report = evaluate(model, exs, args, run)
+    if run["rank"] == 0:
+        print(f"{name}: {json.dumps(report)}")
+        json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
+
+
+@torch.no_grad()
+def evaluate(model, exs, args, run):
+    """Greedy decoding; an answer is right as the variant's reward judges it. Accuracy overall (micro), per
+    task, and CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2."""
+    processor, device = run["processor"], run["device"]
+    mine, results = exs[run["rank"] :: run["world"]], []
+    with gathered(model):
+        for s in range(0, len(mine), 16):
+            chunk = mine[s : s + 16]
+            b = encode(processor, chunk, args)
+            seqs = model.generate(
+                **{k: b[k].to(device) for k in MODEL_KEYS},
+                do_sample=False,
+                max_new_tokens=args.eval_max_new_tokens,
+                suppress_tokens=run["banned"],
+            )
+            o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions
+            lengths = completion_mask(o, run["eos"])[0].sum(1)  # counted as G9 counts them
+            for ex, text, n in zip(chunk, processor.batch_decode(o, True), lengths):
+                correct, formatted = judge(completion_text(text, args), ex, args.prompt)
+                result = {"task": ex["task"], "source": ex["source"], "correct": correct, "format": formatted}
+                result["length"] = float(n)
+                results.append(result)
+    if run["world"] > 1:  # every rank's results
+        everyone = [None] * run["world"]
+        dist.all_gather_object(everyone, results)
+        results = [r for rs in everyone for r in rs]
+    report = {"n": len(results)}
+    report["accuracy"] = mean(r["correct"] for r in results)
+    report["format"] = mean(r["format"] for r in results)
+    report["completion_len"] = mean(r["length"] for r in results)
+    tasks = sorted({r["task"] for r in results})
+    report["per_task"] = {t: mean(r["correct"] for r in results if r["task"] == t) for t in tasks}
+    if {"ADE20K", "COCO", "Omni3D"} <= {r["source"] for r in results}:
+        by_source = {
+            s: mean(r["correct"] for r in results if r["source"] == s) for s in ("ADE20K", "COCO", "Omni3D")
+        }
+        report["cvbench_combined"] = ((by_source["ADE20K"] + by_source["COCO"]) / 2 + by_source["Omni3D"]) / 2
+    return report
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / max(len(values), 1)
+
+
+def judge(text, ex, style):
+    """(correct, well formatted), read as the variant's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
+    if style == "step":
+        return float(R.is_correct(R.step_answer(text), ex)), R.step_validity(text)
+    return R.accuracy(text, ex), R.think_answer_format(text)
+
+
+# ============================================================================ engineering: checkpoints
+def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
+    """OUT/checkpoints/<phase>-<step>/ (I10): the model for any transformers user (gathered on rank 0, written
+    with save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
+    (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
+    mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
+    root, name = os.path.join(args.out, "checkpoints"), f"{phase}-{step:06d}"
+    tmp = os.path.join(root, ".tmp-" + name)
+    options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = dsd.get_model_state_dict(model, options=options)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with transformers_class(model):
+            model.save_pretrained(tmp, state_dict=full)
+        processor.save_pretrained(tmp)
+        progress = {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)}
+        json.dump(progress, open(os.path.join(tmp, "progress.json"), "w"), indent=1)
+    model_sd, optim_sd = dsd.get_state_dict(model, opt)
+    train_state = {"model": model_sd, "optim": optim_sd}
+    if ref is not None:
+        train_state["ref"] = dsd.get_model_state_dict(ref)
+    dcp.save(train_state, checkpoint_id=os.path.join(tmp, "train_state"))
+    barrier()
+    if rank == 0:
+        os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
+        link = os.path.join(args.out, "checkpoint")
+        os.symlink(os.path.join("checkpoints", name), link + ".tmp")
+        os.replace(link + ".tmp", link)
+        done = [d for d in os.listdir(root) if not d.startswith(".")]
+        done.sort(key=lambda d: os.path.getmtime(os.path.join(root, d)))
+        for old in done[: -args.keep]:
+            shutil.rmtree(os.path.join(root, old))
+    barrier()
+
+
+@contextlib.contextmanager
+def transformers_class(model):
+    """FSDP2 gives a sharded model a class of its own, FSDP<Name>, whose method resolution order is
+    (FSDP<Name>, FSDPModule, <Name>, ...). save_pretrained writes the hub's key layout only for transformers'
+    own classes, so for the call the model wears <Name> again."""
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        model.__class__ = cls.__mro__[2]
+    yield model
+    model.__class__ = cls
+
+
+def resume(model, opt, sched, ref, args):
+    """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
+    path = os.path.join(args.out, "checkpoint")
+    model_sd, optim_sd = dsd.get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ref is not None:
+        state["ref"] = dsd.get_model_state_dict(ref)
+    # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), planner=planner)
+    dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ref is not None:
+        dsd.set_model_state_dict(ref, state["ref"])
+    sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])
+
+
+# ============================================================================ engineering: data
+def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
+    """data.load_examples, before any model is loaded: a missing or unreadable file, bad JSON, an unknown
+    schema or a bad row (for SFT also a row with nothing to learn from) ends the run: one line, exit 2."""
+    try:
+        exs = data.load_examples(spec, which, args.seed, args.skip_bad_rows, max_rows)
+        if sft and (bad := [ex["row"] for ex in exs if not (ex.get("solution") or ex.get("target"))]):
+            raise ValueError(
+                f"data set {spec!r}, row {bad[0]}: no 'solution' or assistant turn to learn from"
+            )
+        return exs
+    except (ValueError, OSError) as e:
+        print(f"grpo_vl.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def within_prompt_cap(exs, spec, args, processor):
+    """A prompt is never cut, since it holds image tokens (I4): one over --max-prompt-tokens, measured through
+    the processor, is a bad row: it ends the run (exit 2), or with --skip-bad-rows is skipped and counted."""
+    cap = args.max_prompt_tokens
+    n = [encode(processor, [ex], args)["input_ids"].shape[1] if cap else 0 for ex in exs]
+    long = [j for j in range(len(exs)) if cap and n[j] > cap]
+    if long and not args.skip_bad_rows:
+        why = f"{n[long[0]]} tokens > --max-prompt-tokens"
+        print(
+            f"grpo_vl.py: error: {data.BadRow(spec, exs[long[0]]['row'], 'question', why)}", file=sys.stderr
+        )
+        raise SystemExit(2)
+    if long:
+        print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
+    return [ex for j, ex in enumerate(exs) if j not in long]
+
+
+# ============================================================================ engineering: models
 TINY_TEMPLATE = (  # Qwen2-VL's chat template, minus the default system turn
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}{% for c in "
     "m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif "
     "%}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
+
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"] + VISION_TOKENS  # Qwen2-VL's
 
 
@@ -367,675 +1096,6 @@ def load_model(args):
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
     banned = tok.convert_tokens_to_ids(VISION_TOKENS)
     return model, processor, eos, banned
-
-
-# ============================================================================ FSDP2 (I9)
-def use_bf16(args, device):
-    """--precision: bf16 compute over fp32 master weights (auto: on GPU), or fp32 throughout."""
-    return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-
-
-def shard(model, mesh, device, bf16):
-    """fully_shard each vision block, each decoder layer, the vision tower, then the root. With bf16:
-    bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
-        fully_shard(module, mesh=mesh, mp_policy=mp)
-    # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
-    # alone first. A text-only forward through the root settles it. Reshard after it: the root stays
-    # gathered after a forward, and an optimizer built now would hold those copies, not the shards.
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
-    model.reshard()
-    return model
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """For generate(): eval mode, since gradient checkpointing (a training-mode feature) turns the KV cache
-    off; under FSDP, the parameters gathered once for the whole call. Without that every generated token
-    all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
-    was_training = model.training
-    model.eval()
-    sharded = isinstance(model, FSDPModule)
-    if sharded:
-        model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
-        model.unshard()
-    yield
-    if sharded:
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-    model.train(was_training)
-
-
-# ============================================================================ batches (I3)
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def take(batch, idx):
-    """Sequences `idx` of a batch. pixel_values holds one row per image patch of all images of the batch,
-    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen samples' images.
-    take(b, arange(P).repeat_interleave(G)) expands prompts to groups; .repeat would interleave them."""
-    spans = lambda sizes, picked: torch.cat(
-        [torch.arange(a - n, a) for a, n in zip(sizes.cumsum(0)[picked], sizes[picked])]
-    )
-    images = spans(batch["n_images"], torch.as_tensor(idx))  # (n,) this batch's image indices
-    rows = spans(batch["image_grid_thw"].prod(-1), images)  # pixel_values rows of those images
-    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    return {
-        **out,
-        "image_grid_thw": batch["image_grid_thw"][images],
-        "pixel_values": batch["pixel_values"][rows],
-    }
-
-
-def encode(processor, exs, args):
-    return {
-        **data.encode(processor, exs, args.prompt, args.max_pixels),
-        "n_images": torch.tensor([len(ex["images"]) for ex in exs]),
-    }
-
-
-def split(b, size):
-    """Micro-batches of `size` sequences (gradient accumulation)."""
-    n = len(b["completion"])
-    return [take(b, torch.arange(s, min(s + size, n))) for s in range(0, n, size)]
-
-
-def data_order(n, needed, seed):
-    """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
-    return [i for epoch in range(-(-needed // n)) for i in random.Random(seed + epoch).sample(range(n), n)]
-
-
-def my_share(order, step, n, rank, world):
-    """This rank's part of step `step`'s n examples (whole groups: a prompt's G completions stay on one rank)."""
-    return order[(step - 1) * n : step * n][rank * n // world : (rank + 1) * n // world]
-
-
-# ============================================================================ 1. rollout
-@torch.no_grad()
-def rollout(model, processor, exs, args, eos, banned, device, seed):
-    """Sample G completions per prompt (G8) with the KV cache. Returns one batch per generate() call,
-    each with its completions and their G9 masks."""
-    G, n, batches = args.num_generations, args.gen_batch or len(exs), []
-    with gathered(model):
-        for start in range(0, len(exs), n):
-            chunk = exs[start : start + n]
-            b = take(
-                encode(processor, chunk, args), torch.arange(len(chunk)).repeat_interleave(G)
-            )  # (P*G, L)
-            torch.manual_seed(
-                seed + start
-            )  # depends on the prompt's global index only, not on the rank count
-            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
-            b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (P*G, C)
-            b["mask"], b["truncated"] = completion_mask(b["completion"], eos)
-            batches.append(b)
-    return batches
-
-
-def sampling(args, banned):
-    """Plain sampling at T (G8, I1): transformers' default top_k=50 and hub configs' settings would change it."""
-    return dict(
-        do_sample=True,
-        temperature=args.temperature,
-        top_k=0,
-        top_p=1.0,
-        repetition_penalty=1.0,
-        max_new_tokens=args.max_new_tokens,
-        suppress_tokens=banned,
-    )
-
-
-def completion_mask(completion, eos):
-    """G9: a completion counts up to and including its first EOS; what follows is padding."""
-    is_eos = torch.isin(completion, torch.tensor(eos))
-    C = completion.shape[1]
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)  # (N,) index of the first EOS
-    return (torch.arange(C)[None] <= first[:, None]).float(), ~is_eos.any(1)
-
-
-# ============================================================================ log-probs (G8, I6, I7)
-LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 512 x 151,936 x 4 B = 0.3 GB
-
-
-def token_logprobs(model, b, T, banned, device):
-    """log pi(o_t | q, o_<t) of each completion token, from logits / T with the sampling-time banned
-    tokens removed: exactly the distribution the token was drawn from (G8). Returns (N, C)."""
-    comp = b["completion"].to(device)
-    N, C = comp.shape
-    out = model(
-        input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
-        attention_mask=torch.cat([b["attention_mask"].to(device), b["mask"].to(device).long()], 1),
-        mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
-        pixel_values=b["pixel_values"].to(device),
-        image_grid_thw=b["image_grid_thw"].to(device),
-        logits_to_keep=1,  # the model's own logits: one position; ours are below
-        output_hidden_states=-1,  # the last layer's (normed) states only
-        use_cache=False,
-    )
-    h = out.hidden_states[-1][:, -C - 1 : -1].reshape(N * C, -1)  # (N*C, H): the states that predict o_1..o_C
-    o = comp.reshape(N * C)
-    # I7: logits at completion positions only, LOGPROB_CHUNK tokens at a time, and recomputed in the backward
-    # (checkpoint) rather than kept: at 151,936 entries an (N, C, V) fp32 logits tensor is most of the memory.
-    logp = []
-    for s in range(0, N * C, LOGPROB_CHUNK):
-        chunk = (model.lm_head, h[s : s + LOGPROB_CHUNK], o[s : s + LOGPROB_CHUNK], T, banned)
-        logp.append(checkpoint(chunk_logprobs, *chunk, use_reentrant=False))
-    if not torch.is_grad_enabled() and isinstance(model, FSDPModule):
-        model.reshard()  # no backward follows (reference, pi_old): free the root's gathered parameters (I9)
-    return torch.cat(logp).view(N, C)
-
-
-def chunk_logprobs(lm_head, h, o, T, banned):
-    """log-softmax of logits / T at n positions, read at the tokens o: (n, H), (n,) -> (n,)."""
-    logits = lm_head(h).float() / T  # (n, V)
-    logits[:, banned] = float("-inf")  # never sampled (I5), so not part of the distribution either
-    return logits.gather(-1, o[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-# ============================================================================ 3. advantage (G2)
-def group_advantages(r, G):
-    """G2: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std, one A_i per completion.
-    A group whose rewards are all equal teaches nothing: A = 0 exactly; frac_zero_std counts them."""
-    r = r.view(-1, G)  # (P, G)
-    A = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
-    flat = r.max(1).values == r.min(1).values  # (P,)
-    return A.masked_fill(flat[:, None], 0.0).view(-1), flat.float().mean().item()
-
-
-# ============================================================================ 5. the loss (G3-G6)
-def grpo_objective(logp, old, ref, A, mask, beta, eps):
-    """Per-token L = min(rho*A, clip(rho, 1-eps, 1+eps)*A) - beta*D, with
-    rho = exp(logp - old) (G3) and the k3 KL  D = exp(ref - logp) - (ref - logp) - 1 >= 0 (G4).
-    Returns L (N, C), the per-token D (zeros when there is no reference) and where clipping changed L."""
-    ratio = torch.exp(logp - old)  # (N, C) G3
-    surrogate = torch.min(ratio * A[:, None], ratio.clamp(1 - eps, 1 + eps) * A[:, None])  # G5
-    D = torch.exp(ref - logp) - (ref - logp) - 1 if ref is not None else torch.zeros_like(logp)  # G4
-    # the clipped term wins (and the gradient is cut) only past 1+eps with A > 0, or below 1-eps with A < 0
-    clipped = ((ratio > 1 + eps) & (A[:, None] > 0)) | ((ratio < 1 - eps) & (A[:, None] < 0))
-    return surrogate - beta * D, D, clipped.float()
-
-
-def aggregate(L, mask, how):
-    """G6: sum over the batch of (1/|o_i|) sum_t L_it  (seq), or of sum_t L_it  (token; divide later)."""
-    per_seq = torch.where(mask.bool(), L, 0.0).sum(1)  # padding is zeroed, even an inf there (not 0 * inf)
-    return (per_seq / mask.sum(1).clamp(min=1)).sum() if how == "seq" else per_seq.sum()
-
-
-# ============================================================================ evaluation (protocol E)
-@torch.no_grad()
-def evaluate(model, processor, exs, args, eos, banned, device, rank, world):
-    """Greedy decoding; an answer is right as R1 judges it. Accuracy overall (micro), per task, and
-    CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2."""
-    mine, results = exs[rank::world], []
-    with gathered(model):
-        for s in range(0, len(mine), 16):
-            b = encode(processor, mine[s : s + 16], args)
-            seqs = model.generate(
-                **{k: b[k].to(device) for k in MODEL_KEYS},
-                do_sample=False,
-                max_new_tokens=args.eval_max_new_tokens,
-                suppress_tokens=banned,
-            )
-            o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions o_i; n: a length as G9 counts it
-            for ex, text, n in zip(
-                mine[s : s + 16], processor.batch_decode(o, True), completion_mask(o, eos)[0].sum(1)
-            ):
-                results.append(
-                    (ex["task"], ex["source"], *judge(completion_text(text, args), ex, args.prompt), n)
-                )
-    if world > 1:  # every rank's results
-        dist.all_gather_object(everyone := [None] * world, results)
-        results = [r for rs in everyone for r in rs]
-    mean = lambda xs: sum(xs) / max(len(xs), 1)
-    acc = lambda key: mean([r[2] for r in results if key in r[:2]])
-    report = {
-        "n": len(results),
-        "accuracy": mean([r[2] for r in results]),
-        "format": mean([r[3] for r in results]),
-        "completion_len": mean([float(r[4]) for r in results]),
-        "per_task": {t: acc(t) for t in sorted({r[0] for r in results})},
-    }
-    if {"ADE20K", "COCO", "Omni3D"} <= {r[1] for r in results}:
-        report["cvbench_combined"] = ((acc("ADE20K") + acc("COCO")) / 2 + acc("Omni3D")) / 2
-    return report
-
-
-def judge(text, ex, style):
-    """(correct, well formatted), read as the variant's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
-    if style == "step":
-        return float(R.is_correct(R.step_answer(text), ex)), R.step_validity(text)
-    return R.accuracy(text, ex), R.think_answer_format(text)
-
-
-def completion_text(text, args):
-    """What the rewards read: P1 ends its prompt with an opened <think>, so put it back (R2)."""
-    return "<think>" + text if args.prompt == "base" else text
-
-
-# ============================================================================ warm-up / cold-start SFT
-def sft_batch(processor, exs, args):
-    """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
-    'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
-    b, tok = encode(processor, exs, args), processor.tokenizer
-    end = tok.convert_tokens_to_ids("<|endoftext|>" if args.prompt == "base" else "<|im_end|>")
-    ids = [tok(data.sft_target(ex, args.prompt), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
-    C = max(map(len, ids))
-    b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])  # (B, C)
-    b["mask"] = (torch.arange(C)[None] < torch.tensor([len(x) for x in ids])[:, None]).float()
-    return b
-
-
-def sft(model, processor, exs, args, banned, device, rank, world, log, record, amp, progress):
-    """Next-token cross-entropy on the target tokens (a token mean over all ranks); AdamW with weight
-    decay, linear warm-up then cosine decay. The target is scored exactly as RL scores a completion."""
-    n = args.sft_batch
-    steps = args.sft_steps or args.sft_epochs * max(len(exs) // n, 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
-    warm = max(1, round(args.sft_warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
-        ),
-    )
-    order = data_order(len(exs), steps * n, args.seed)
-    log(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
-    if progress and progress["phase"] == "sft":
-        resume(model, opt, sched, None, args)
-    for step in range(progress["step"] + 1 if progress else 1, steps + 1):
-        t0 = time.time()
-        b = sft_batch(processor, [exs[i] for i in my_share(order, step, n, rank, world)], args)
-        n_tok = over_ranks({"n": b["mask"].sum().item()}, device)["n"]  # mean target tokens per rank
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for mb in split(
-            b, args.micro_batch
-        ):  # per rank / mean tokens per rank, averaged by FSDP = token mean
-            with amp:
-                nll = -(token_logprobs(model, mb, 1.0, banned, device) * mb["mask"].to(device)).sum() / n_tok
-            nll.backward()
-            loss += nll.item()
-        grad_norm, lr = clip_and_step(params, opt, args.max_grad_norm), opt.param_groups[0]["lr"]
-        sched.step()
-        loss = over_ranks({"loss": loss}, device)["loss"]
-        record(
-            {
-                "phase": "sft",
-                "step": step,
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "tokens": n_tok * world,
-                "step_time": time.time() - t0,
-            }
-        )
-        log(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.1f}s")
-        if step == steps or (args.save_every and step % args.save_every == 0):
-            save_checkpoint(model, opt, sched, None, processor, args, "sft", step, rank)
-
-
-def clip_and_step(params, opt, max_norm):
-    """Clip the gradient norm, then step -- unless it is not finite: then stop, keeping the last checkpoint."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    if not math.isfinite(grad_norm):
-        raise SystemExit(
-            f"error: gradient norm {grad_norm}; stopped, OUT/checkpoint keeps the last good weights"
-        )
-    opt.step()
-    return grad_norm
-
-
-# ============================================================================ checkpoints
-def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
-    """OUT/checkpoints/<phase>-<step>/ (I10): the model for any transformers user (gathered on rank 0, written
-    with save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
-    (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
-    mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
-    root, name = os.path.join(args.out, "checkpoints"), f"{phase}-{step:06d}"
-    tmp = os.path.join(root, ".tmp-" + name)
-    full = dsd.get_model_state_dict(
-        model, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        cls = type(model)  # save_pretrained writes the hub's key layout only for transformers' own classes:
-        model.__class__ = cls.__mro__[2] if isinstance(model, FSDPModule) else cls  # so unwrap FSDP's for it
-        model.save_pretrained(tmp, state_dict=full)
-        model.__class__ = cls
-        processor.save_pretrained(tmp)
-        json.dump(
-            {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)},
-            open(os.path.join(tmp, "progress.json"), "w"),
-            indent=1,
-        )
-    model_sd, optim_sd = dsd.get_state_dict(model, opt)
-    dcp.save(
-        {"model": model_sd, "optim": optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})},
-        checkpoint_id=os.path.join(tmp, "train_state"),
-    )
-    barrier()
-    if rank == 0:
-        os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
-        link = os.path.join(args.out, "checkpoint")
-        os.symlink(os.path.join("checkpoints", name), link + ".tmp")
-        os.replace(link + ".tmp", link)
-        done = sorted(
-            (d for d in os.listdir(root) if not d.startswith(".")),
-            key=lambda d: os.path.getmtime(os.path.join(root, d)),
-        )
-        for old in done[: -args.keep]:
-            shutil.rmtree(os.path.join(root, old))
-    barrier()
-
-
-def resume(model, opt, sched, ref, args):
-    """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
-    path = os.path.join(args.out, "checkpoint")
-    model_sd, optim_sd = dsd.get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})}
-    # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
-    dcp.load(
-        state,
-        checkpoint_id=os.path.join(path, "train_state"),
-        planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-    )
-    dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if ref:
-        dsd.set_model_state_dict(ref, state["ref"])
-    sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])
-
-
-def barrier(finish=False):
-    if dist.is_initialized():
-        dist.barrier()  # also before destroying the group: a teardown race was seen without it
-        if finish:
-            dist.destroy_process_group()
-
-
-# ============================================================================ the training loop
-def main(argv=None):
-    args = parse_args(argv)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    mesh = None
-    if world > 1:  # torchrun: one process per device, FSDP2 over all of them
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        mesh = init_device_mesh(device.type, (world,))
-    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints and writes
-    os.makedirs(args.out, exist_ok=True)
-    # The data first: a mistake in it ends the run in seconds, not after the model has loaded
-    sft_on = (args.sft_epochs or args.sft_steps or args.sft_only) and not args.eval
-    rl_on = not (args.eval or args.sft_only)
-    sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args, sft=True) if sft_on else None
-    exs = load_examples_or_exit(args.data, "train", args, args.max_rows) if rl_on else None
-    eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
-    model, processor, eos, banned = load_model(args)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None  # G4
-    # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
-    if args.freeze == "vision":
-        model.model.visual.requires_grad_(False)
-    if args.freeze == "llm":
-        model.model.language_model.requires_grad_(False)
-        model.lm_head.requires_grad_(False)
-    if args.gradient_checkpointing:  # non-reentrant: the kind that composes with FSDP2
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # checkpointing acts in training mode only; generate() runs in eval mode (gathered)
-    bf16 = use_bf16(args, device)
-    for m in filter(None, (model, ref)):
-        if mesh is not None:
-            shard(m, mesh, device, bf16)
-        else:
-            m.to(device)
-    # One process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun.
-    amp = torch.autocast(device.type, torch.bfloat16) if bf16 and mesh is None else contextlib.nullcontext()
-
-    def run_eval(name):  # protocol E on --eval-data, written to OUT/<name>.json
-        with amp:
-            report = evaluate(model, processor, eval_exs, args, eos, banned, device, rank, world)
-        log(f"{name}: {json.dumps(report)}")
-        if rank == 0:
-            json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
-
-    if args.eval:
-        run_eval("eval")
-        return barrier(finish=True)
-
-    # --resume picks up where OUT/checkpoint left off: {"phase", "step", "sched", "args"}
-    saved = os.path.join(args.out, "checkpoint", "progress.json")
-    progress = json.load(open(saved)) if args.resume and os.path.exists(saved) else None
-    metrics_path, at = os.path.join(args.out, "metrics.jsonl"), lambda r: (r["phase"] == "rl", r["step"])
-    if rank == 0 and progress and os.path.exists(metrics_path):  # drop the lines written after the checkpoint
-        lines = [x for x in open(metrics_path) if at(json.loads(x)) <= at(progress)]
-        open(metrics_path, "w").writelines(lines)
-    metrics = open(metrics_path, "a" if progress else "w", buffering=1) if rank == 0 else None  # line-flushed
-    record = (lambda stats: metrics.write(json.dumps(stats) + "\n")) if rank == 0 else (lambda stats: None)
-    log(
-        f"{args.variant}: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
-        f"{world} rank(s), {device} -> {args.out}" + (f"; resuming after {at(progress)}" if progress else "")
-    )
-    # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
-    in_rl = progress and progress["phase"] == "rl"
-    if sft_on and not in_rl:
-        sft_exs = within_prompt_cap(sft_exs, args.sft_data or args.data, args, processor)
-        sft(model, processor, sft_exs, args, banned, device, rank, world, log, record, amp, progress)
-        if ref is not None:
-            ref.load_state_dict(model.state_dict())
-        if args.sft_only:
-            return barrier(finish=True)
-    exs = within_prompt_cap(exs, args.data, args, processor)
-    P = args.prompts_per_step
-    # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
-    stages = parse_ptst(args.ptst) or [
-        (args.max_new_tokens, args.num_generations, args.max_steps or args.epochs * (len(exs) // P))
-    ]
-    ends = list(itertools.accumulate(n for _, _, n in stages))
-    steps = ends[-1]
-    order = data_order(len(exs), steps * P, args.seed)
-    reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms; R3, R4 take flags
-    if "step_accuracy" in reward_fns:
-        reward_fns["step_accuracy"] = functools.partial(R.step_accuracy, alpha=args.alpha)
-    if args.length_bonus:
-        reward_fns["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(reward_fns)}")
-    if in_rl:
-        resume(model, opt, sched, ref, args)
-    elif args.eval_every:  # the starting point of RL, which the later evaluations are measured against
-        run_eval("eval_step0")
-    for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
-        t0 = time.time()
-        stage = bisect.bisect_left(
-            ends, step
-        )  # the same prompts per step in every stage; G and the cap change
-        args.max_new_tokens, args.num_generations = stages[stage][:2]
-        G = args.num_generations
-        if step == 1 or step == ends[stage - 1] + 1:
-            log(
-                f"stage {stage + 1}: up to {args.max_new_tokens} new tokens, G = {G}, steps {step}-{ends[stage]}"
-            )
-        # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
-        mine = [exs[i] for i in my_share(order, step, P, rank, world)]
-        with amp:
-            batches = rollout(
-                model,
-                processor,
-                mine,
-                args,
-                eos,
-                banned,
-                device,
-                seed=args.seed + 1_000_003 * step + rank * P // world,
-            )
-        t1 = time.time()
-        # ---- 2. reward (G1): sum of the variant's rewards; per-sample data stays aligned with its group (I8)
-        texts = [
-            completion_text(t, args) for b in batches for t in processor.batch_decode(b["completion"], True)
-        ]
-        ex_of = [mine[j // G] for j in range(len(texts))]  # I8: completion j answers prompt j // G
-        n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()  # completion lengths (G9)
-        per_fn = {
-            name: torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
-            for name, fn in reward_fns.items()
-        }
-        r = sum(per_fn.values())  # (P_local*G,) G1
-        # ---- 3. advantage (G2), within each group
-        A, frac_zero_std = group_advantages(r, G)
-        t2 = time.time()
-        # ---- 4. reference (G4) and old (G7) log-probs, no grad; split into micro-batches
-        micro, a = [], 0
-        for b in batches:
-            b["A"], a = A[a : a + len(b["completion"])], a + len(b["completion"])
-            micro += split(b, args.micro_batch)
-        with torch.no_grad(), amp:
-            for mb in micro:
-                mb["ref"] = (
-                    token_logprobs(ref, mb, args.temperature, banned, device) if ref is not None else None
-                )
-                # mu = 1: pi_old is pi_theta itself, detached below; no extra forward (G7)
-                mb["old"] = (
-                    token_logprobs(model, mb, args.temperature, banned, device) if args.mu > 1 else None
-                )
-        t3 = time.time()
-        # ---- 5. policy update: mu epochs over the rollout batch (G5, G6)
-        n_tokens = sum(mb["mask"].sum() for mb in micro).item()  # this rank's completion tokens
-        # G6 per rank (FSDP then averages over ranks): seq -> / its completions; token -> / mean tokens per rank
-        denom = len(r) if args.loss_agg == "seq" else over_ranks({"n": n_tokens}, device)["n"]
-        for epoch in range(args.mu):
-            opt.zero_grad(set_to_none=True)
-            kl = clip = loss_sum = 0.0
-            for mb in micro:
-                mask = mb["mask"].to(device)
-                with amp:
-                    logp = token_logprobs(model, mb, args.temperature, banned, device)  # (n, C)
-                old = logp.detach() if mb["old"] is None else mb["old"]  # G7: rho = 1 at mu = 1
-                L, D, clipped = grpo_objective(
-                    logp, old, mb["ref"], mb["A"].to(device), mask, args.beta, args.eps
-                )
-                loss = -aggregate(L, mask, args.loss_agg) / denom
-                loss.backward()
-                loss_sum += loss.item()
-                kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
-                clip += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
-            grad_norm = clip_and_step(params, opt, args.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        t4 = time.time()
-        # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
-        stats = over_ranks(
-            {
-                **{f"rewards/{k}": v.mean().item() for k, v in per_fn.items()},
-                "reward": r.mean().item(),
-                "reward_std": r.view(-1, G).std(1).mean().item(),
-                "frac_zero_std": frac_zero_std,
-                "completion_len": sum(n_tok) / len(n_tok),
-                "kl": kl,
-                "clip_frac": clip,
-                "loss": loss_sum,
-                "truncated_frac": torch.cat([b["truncated"] for b in batches]).float().mean().item(),
-                "reflection_rate": sum(map(R.reflects, texts)) / len(texts),
-            },
-            device,
-        )
-        stats.update(
-            step=step,
-            phase="rl",
-            stage=stage + 1,
-            max_new_tokens=args.max_new_tokens,
-            num_generations=G,
-            grad_norm=grad_norm,
-            lr=lr,
-            step_time=time.time() - t0,
-            **{
-                "time/rollout": t1 - t0,
-                "time/reward": t2 - t1,
-                "time/ref_old": t3 - t2,
-                "time/update": t4 - t3,
-            },
-            completion_len_max=over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"],
-        )
-        record(stats)
-        terms = " ".join(f"{k} {stats['rewards/' + k]:.3f}" for k in per_fn)
-        log(
-            f"step {step}/{steps} | reward {stats['reward']:.3f} (std {stats['reward_std']:.2f}, zero-std "
-            f"{stats['frac_zero_std']:.2f}) | {terms} | len {stats['completion_len']:.0f} (cut "
-            f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s"
-        )
-        if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
-            os.makedirs(
-                os.path.join(args.out, "trajectories"), exist_ok=True
-            )  # where an "aha moment" is read
-            open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w").writelines(
-                json.dumps(
-                    {
-                        "question": ex["question"],
-                        "answer": ex["answer"],
-                        "completion": t,
-                        "tokens": n_tok[i],
-                        "rewards": {k: v[i].item() for k, v in per_fn.items()},
-                        "advantage": A[i].item(),
-                    }
-                )
-                + "\n"
-                for i, (t, ex) in enumerate(zip(texts, ex_of))
-            )
-        # ---- 7. evaluate and checkpoint
-        if args.eval_every and (step % args.eval_every == 0 or step == steps):
-            run_eval(f"eval_step{step}")
-        if step == steps or (args.save_every and step % args.save_every == 0):
-            save_checkpoint(model, opt, sched, ref, processor, args, "rl", step, rank)
-    barrier(finish=True)
-
-
-def over_ranks(stats, device, op=dist.ReduceOp.SUM):
-    """Each value's mean over ranks (ranks hold equal numbers of completions), or its max."""
-    if dist.is_initialized():
-        t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=op)
-        stats = dict(zip(stats, (t / dist.get_world_size() if op == dist.ReduceOp.SUM else t).tolist()))
-    return stats
-
-
-def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
-    """data.load_examples, before any model is loaded: a missing or unreadable file, bad JSON, an unknown
-    schema or a bad row (for SFT also a row with nothing to learn from) ends the run: one line, exit 2."""
-    try:
-        exs = data.load_examples(spec, which, args.seed, args.skip_bad_rows, max_rows)
-        if sft and (bad := [ex["row"] for ex in exs if not (ex.get("solution") or ex.get("target"))]):
-            raise ValueError(
-                f"data set {spec!r}, row {bad[0]}: no 'solution' or assistant turn to learn from"
-            )
-        return exs
-    except (ValueError, OSError) as e:
-        print(f"grpo_vl.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def within_prompt_cap(exs, spec, args, processor):
-    """A prompt is never cut, since it holds image tokens (I4): one over --max-prompt-tokens, measured through
-    the processor, is a bad row: it ends the run (exit 2), or with --skip-bad-rows is skipped and counted."""
-    cap = args.max_prompt_tokens
-    n = [encode(processor, [ex], args)["input_ids"].shape[1] if cap else 0 for ex in exs]
-    long = [j for j in range(len(exs)) if cap and n[j] > cap]
-    if long and not args.skip_bad_rows:
-        why = f"{n[long[0]]} tokens > --max-prompt-tokens"
-        print(
-            f"grpo_vl.py: error: {data.BadRow(spec, exs[long[0]]['row'], 'question', why)}", file=sys.stderr
-        )
-        raise SystemExit(2)
-    if long:
-        print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
-    return [ex for j, ex in enumerate(exs) if j not in long]
 
 
 if __name__ == "__main__":

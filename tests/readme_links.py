@@ -11,7 +11,7 @@ ANCHORS = {  # label -> (file, text on the line)
     "G3": ("grpo_vl.py", "ratio = torch.exp(logp - old)"),
     "G4": ("grpo_vl.py", "D = torch.exp(ref - logp)"),
     "G5": ("grpo_vl.py", "surrogate = torch.min("),
-    "G6": ("grpo_vl.py", '"""G6:'),
+    "G6": ("grpo_vl.py", "aggregated as G6"),
     "G7": ("grpo_vl.py", "# G7: rho = 1 at mu = 1"),
     "G8": ("grpo_vl.py", "drawn from (G8)"),
     "G9": ("grpo_vl.py", '"""G9:'),

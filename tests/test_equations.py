@@ -1,10 +1,14 @@
-"""Each equation of RECIPES §G pinned to numbers computed by hand."""
+"""Each GRPO equation (G2-G9, see the README's Labels) pinned to numbers computed by hand."""
 
 import math
 
 import torch
 
-from grpo_vl import aggregate, completion_mask, group_advantages, grpo_objective
+from types import SimpleNamespace
+
+from grpo_vl import completion_mask, group_advantages, grpo_loss
+
+ARGS = SimpleNamespace(eps=0.2, beta=0.04, loss_agg="seq")
 
 
 def test_g2_group_advantage_by_hand():
@@ -33,15 +37,16 @@ def test_g3_g4_g5_per_token_by_hand():
     old = torch.tensor([[math.log(0.25), math.log(0.2)], [math.log(0.25), math.log(0.4)]])
     ref = torch.tensor([[math.log(0.4), math.log(0.1)], [math.log(0.4), math.log(0.1)]])
     A = torch.tensor([1.5, -2.0])
-    L, D, clipped = grpo_objective(logp, old, ref, A, torch.ones(2, 2), beta=0.04, eps=0.2)
+    loss, D, clipped = grpo_loss(logp, old, ref, A, torch.ones(2, 2), ARGS, n_completions=2, n_tokens=4)
     # ratios: [[2, 1], [2, 0.5]]
     # seq 0: t0 min(2*1.5, 1.2*1.5)=1.8 ; t1 min(1.5, 1.5)=1.5
     # seq 1: t0 min(2*-2, 1.2*-2)=-4    ; t1 min(0.5*-2, 0.8*-2)=-1.6 (the pessimistic side)
     # k3: D = q - log q - 1 with q = ref/pi: t0 q = 0.8 -> 0.8 - ln 0.8 - 1 ; t1 q = 0.5 -> 0.5 - ln 0.5 - 1
     d0, d1 = 0.8 - math.log(0.8) - 1, 0.5 - math.log(0.5) - 1
     assert torch.allclose(D, torch.tensor([[d0, d1], [d0, d1]]), atol=1e-6)
-    expected = torch.tensor([[1.8 - 0.04 * d0, 1.5 - 0.04 * d1], [-4 - 0.04 * d0, -1.6 - 0.04 * d1]])
-    assert torch.allclose(L, expected, atol=1e-6)
+    L = torch.tensor([[1.8 - 0.04 * d0, 1.5 - 0.04 * d1], [-4 - 0.04 * d0, -1.6 - 0.04 * d1]])
+    # G6: -(1/2) sum_i (1/2) sum_t L_it
+    assert math.isclose(loss.item(), -L.mean(1).sum().item() / 2, rel_tol=1e-6)
     # clipping changed L only where the clipped term won: seq 0 t0 (rho > 1+eps, A > 0) and seq 1 t1
     # (rho < 1-eps, A < 0); seq 1 t0 (rho = 2, A < 0) keeps the unclipped, more pessimistic -4
     assert clipped.tolist() == [[1.0, 0.0], [0.0, 1.0]]
@@ -49,17 +54,16 @@ def test_g3_g4_g5_per_token_by_hand():
 
 def test_g4_k3_is_zero_at_reference_and_positive_elsewhere():
     logp = torch.log(torch.tensor([[0.3, 0.9, 0.01]]))
-    _, D, _ = grpo_objective(logp, logp, logp, torch.zeros(1), torch.ones(1, 3), 0.04, 0.2)
+    _, D, _ = grpo_loss(logp, logp, logp, torch.zeros(1), torch.ones(1, 3), ARGS, 1, 3)
     assert torch.equal(D, torch.zeros(1, 3))
-    _, D, _ = grpo_objective(logp, logp, logp - 0.3, torch.zeros(1), torch.ones(1, 3), 0.04, 0.2)
+    _, D, _ = grpo_loss(logp, logp, logp - 0.3, torch.zeros(1), torch.ones(1, 3), ARGS, 1, 3)
     assert (D > 0).all() and torch.allclose(D, torch.full((1, 3), math.exp(-0.3) + 0.3 - 1))
 
 
 def test_g7_mu1_loss_is_beta_kl_but_gradient_is_not_zero():
     logp = torch.log(torch.tensor([[0.5, 0.2]])).requires_grad_()
     ref = torch.log(torch.tensor([[0.4, 0.1]]))
-    L, D, _ = grpo_objective(logp, logp.detach(), ref, torch.tensor([1.0]), torch.ones(1, 2), 0.04, 0.2)
-    loss = -aggregate(L, torch.ones(1, 2), "seq")
+    loss, D, _ = grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0]), torch.ones(1, 2), ARGS, 1, 2)
     # value: -(A*1 - beta*mean D) = -1 + 0.04*mean(D)
     assert math.isclose(loss.item(), -1 + 0.04 * D.mean().item(), rel_tol=1e-6)
     loss.backward()
@@ -69,10 +73,16 @@ def test_g7_mu1_loss_is_beta_kl_but_gradient_is_not_zero():
 
 
 def test_g6_sequence_mean_weights_short_answers_more():
-    L = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    # beta = 0 and rho = 1, so L_it = A_i: A = 1 over 4 tokens, A = 4 over 1 token (3 padded, inf there)
+    logp = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, float("inf"), float("inf"), float("inf")]])
+    A = torch.tensor([1.0, 4.0])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
-    assert aggregate(L, mask, "seq").item() == 1.0 + 4.0  # (4/4) + (4/1)
-    assert aggregate(L, mask, "token").item() == 8.0  # divided by 5 tokens later
+    seq = SimpleNamespace(eps=0.2, beta=0.0, loss_agg="seq")
+    loss, _, _ = grpo_loss(logp, logp, None, A, mask, seq, n_completions=2, n_tokens=5)
+    assert loss.item() == -(1.0 + 4.0) / 2  # -((4/4) + (4/1)) / 2 completions: padding (even inf) ignored
+    token = SimpleNamespace(eps=0.2, beta=0.0, loss_agg="token")
+    loss, _, _ = grpo_loss(logp, logp, None, A, mask, token, n_completions=2, n_tokens=5)
+    assert math.isclose(loss.item(), -8.0 / 5, rel_tol=1e-6)  # all 5 tokens weigh the same
 
 
 def test_g9_mask_up_to_and_including_first_eos():

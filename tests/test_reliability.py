@@ -319,8 +319,8 @@ def test_non_finite_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_pat
         ]
     )
     good = weights(out)
-    real = g.grpo_objective
-    monkeypatch.setattr(g, "grpo_objective", lambda *a: (real(*a)[0] * float("nan"), *real(*a)[1:]))
+    real = g.grpo_loss
+    monkeypatch.setattr(g, "grpo_loss", lambda *a: (real(*a)[0] * float("nan"), *real(*a)[1:]))
     with pytest.raises(SystemExit, match="gradient norm nan"):
         g.main(
             [

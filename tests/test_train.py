@@ -276,7 +276,8 @@ def test_evaluation_counts_completion_length_as_g9_does(tiny, examples):
             tails = torch.tensor([[a, a, a, pad, pad, pad], [a] * 6])
             return torch.cat([input_ids, tails[: len(input_ids)]], 1)
 
-    report = g.evaluate(Stub(), processor, examples[:2], args, eos, banned, "cpu", 0, 1)
+    run = dict(processor=processor, eos=eos, banned=banned, device="cpu", rank=0, world=1)
+    report = g.evaluate(Stub(), examples[:2], args, run)
     assert report["n"] == 2 and report["completion_len"] == (4 + 6) / 2 and report["format"] == 0.0
 
 
