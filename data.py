@@ -1,4 +1,4 @@
-"""Data (RECIPES §D, §P): the prompts, the data set adapters, a synthetic task, and batching.
+"""Data: the prompts (P1-P4), the data set adapters, a synthetic task, and batching.
 
 Every adapter turns a row into one example: {"images": [PIL / path / URL / bytes], "question", "answer":
 gold text, "choices": [option texts] or None, "task", "source"} plus, for SFT and StepGRPO, "solution" (P3

@@ -11,10 +11,6 @@ Run it:
     torchrun --nproc_per_node=4 grpo_vl.py --variant stepgrpo --data D --sft-data S   # 4 GPUs, FSDP2
     python grpo_vl.py --eval --model runs/grpo/checkpoint --eval-data nyu-visionx/CV-Bench   # protocol E
 
-Reading order: the flags and the variant table; the GRPO math (masks, log-probs, advantage, loss); the
-rollout; the training loop, numbered 1-7; then the engineering (set-up, FSDP2, batches, SFT, evaluation,
-checkpoints, models).
-
 Labels in comments (README.md's "Labels" table gives each one's paper and equation):
     G1-G9  the GRPO equations: G1 reward sum, G2 group advantage, G3 ratio, G4 k3 KL, G5 clipped
            objective, G6 aggregation, G7 policy epochs, G8 temperature, G9 completion mask
@@ -75,27 +71,19 @@ def flag(default, help):
 class Args:
     """Every flag: `--name-with-dashes`, with its help text; the variant (table V) sets the defaults."""
 
-    variant: str = flag(
-        "r1zero", "recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults below"
-    )
-    model: str = flag(
-        "Qwen/Qwen2-VL-2B", "Qwen2-VL / 2.5-VL hub id or folder, or tiny / tiny-2.5 (random, offline)"
-    )
+    variant: str = flag("r1zero", "recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults")
+    model: str = flag("Qwen/Qwen2-VL-2B", "Qwen2-VL / 2.5-VL hub id or folder; tiny, tiny-2.5: offline")
     data: str = flag(
-        "array/SAT", "training data: hub id, folder, .json/.jsonl/.parquet, or 'synthetic[:N[:Task,...]]'"
+        "array/SAT", "training data: hub id, folder, .jsonl/.json/.parquet or synthetic[:N[:Tasks]]"
     )
     max_rows: int = flag(0, "a seeded sample of this many --data rows (SAT: single-image ones); 0 = all")
     eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data (protocol E), same forms as --data")
     out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json")
-    prompt: str = flag(
-        "base", "prompt style: base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)"
-    )
+    prompt: str = flag("base", "base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)")
     rewards: str = flag(
-        "accuracy,format", "G1: accuracy=R1 format=R2 step_accuracy=R4 step_validity=R5 hard_format=R6"
+        "accuracy,format", "G1: accuracy (R1) format (R2) step_accuracy, step_validity (R4, R5) hard_format"
     )
-    length_bonus: float = flag(
-        0.0, "R3: reward per completion token added to the sum (0.001 in the VisualThinker ablation)"
-    )
+    length_bonus: float = flag(0.0, "R3: reward per completion token (0.001 in the VisualThinker ablation)")
     alpha: float = flag(0.1, "R4 StepRAR: weight of the share of matched key steps")
     num_generations: int = flag(8, "G: completions sampled per prompt")
     prompts_per_step: int = flag(8, "prompts per optimizer step, summed over all ranks")
@@ -106,9 +94,7 @@ class Args:
     beta: float = flag(0.04, "KL coefficient (G4/G5); 0 loads no reference model")
     mu: int = flag(1, "policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached")
     eps: float = flag(0.2, "clip range of the ratio (G5)")
-    loss_agg: str = flag(
-        "seq", "seq: per completion, then mean (G6, papers) | token: mean over all tokens (DAPO)"
-    )
+    loss_agg: str = flag("seq", "seq: per completion, then mean (G6, papers) | token: over all tokens (DAPO)")
     max_grad_norm: float = flag(1.0, "gradient-norm clip")
     epochs: int = flag(2, "passes over the training data (when --max-steps is 0)")
     max_steps: int = flag(0, "optimizer steps; 0 = --epochs passes over the data")
@@ -121,67 +107,30 @@ class Args:
     sft_weight_decay: float = flag(0.05, "AdamW weight decay during SFT")
     sft_batch: int = flag(8, "SFT examples per optimizer step, summed over all ranks")
     max_prompt_tokens: int = flag(0, "longer prompts are bad rows, never cut (image tokens, I4); 0 = no cap")
-    max_pixels: int = flag(
-        401408, "images are resized (qwen-vl-utils) to at most this many pixels (and at least 56 x 56)"
-    )
+    max_pixels: int = flag(401408, "images are resized (qwen-vl-utils) to at most this many pixels")
     micro_batch: int = flag(8, "sequences per forward/backward pass (gradients accumulate within a step)")
-    precision: str = flag(
-        "auto", "bf16 | fp32 compute over fp32 master weights; auto: bf16 on GPU, fp32 on CPU"
-    )
-    gradient_checkpointing: bool = flag(
-        True, "recompute each layer's activations in the backward (memory for time); off for tiny models"
-    )
-    gen_batch: int = flag(
-        0, "prompts per generate() call (0: all of a rank's); 1: rollouts ignore the rank count"
-    )
+    precision: str = flag("auto", "bf16 | fp32 compute over fp32 master weights; auto: bf16 on GPU")
+    gradient_checkpointing: bool = flag(True, "recompute activations in the backward (off for tiny)")
+    gen_batch: int = flag(0, "prompts per generate() call (0: all of a rank's; 1: rank-count free)")
     freeze: str = flag("", "'vision' or 'llm': stop their gradients (the r1zero ablations)")
     seed: int = flag(0, "seed of the data order, the tiny model and the rollouts")
     save_every: int = flag(0, "checkpoint every N steps (and at the end of each phase); 0 = at the ends only")
-    eval_every: int = flag(
-        0, "evaluate on --eval-data every N steps and at the end; 0 = never during training"
-    )
+    eval_every: int = flag(0, "evaluate on --eval-data every N steps and at the end; 0 = never")
     eval: bool = flag(False, "evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit")
     eval_max_new_tokens: int = flag(1024, "greedy decoding cap for evaluation (protocol E)")
-    log_completions_every: int = flag(
-        10, "write sampled completions with their rewards to OUT/trajectories/ every N steps"
-    )
+    log_completions_every: int = flag(10, "write completions and rewards to OUT/trajectories/ every N steps")
     resume: bool = flag(False, "continue from OUT/checkpoint: weights, optimizer, schedule, phase, step")
     keep: int = flag(2, "checkpoints kept in OUT/checkpoints/ (OUT/checkpoint links to the newest)")
-    skip_bad_rows: bool = flag(
-        False, "skip unusable data rows, counted by reason, instead of stopping at the first one"
-    )
-    trust_remote_code: bool = flag(
-        False, "let transformers run code shipped with a model (off: safetensors weights only)"
-    )
+    skip_bad_rows: bool = flag(False, "skip unusable data rows, counted by reason, instead of stopping")
+    trust_remote_code: bool = flag(False, "run code shipped with a model (off: safetensors weights only)")
 
 
-# Table V. Every value is only a default: a flag given on the command line wins.
-
-
+# Table V: each variant's defaults, as changes to the Args defaults above (which are r1zero's, but for the
+# data sample). A flag given on the command line wins over both.
 VARIANTS = {
-    "r1zero": dict(
-        model="Qwen/Qwen2-VL-2B",
-        prompt="base",
-        rewards="accuracy,format",
-        num_generations=8,
-        temperature=1.0,
-        max_new_tokens=700,
-        max_pixels=401408,
-        data="array/SAT",
-        max_rows=15000,
-    ),
-    "grpo": dict(
-        model="Qwen/Qwen2-VL-2B-Instruct",
-        prompt="instruct",
-        rewards="accuracy,format",
-        num_generations=8,
-        temperature=1.0,
-        max_new_tokens=700,
-        max_pixels=401408,
-        data="array/SAT",
-        max_rows=15000,
-    ),
-    "stepgrpo": dict(
+    "r1zero": dict(max_rows=15000),  # VisualThinker-R1-Zero: base model, P1, R1 + R2, G 8, T 1.0, 700 tokens
+    "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="instruct", max_rows=15000),  # the baseline, P2
+    "stepgrpo": dict(  # R1-VL: warm-up SFT, then StepGRPO
         model="Qwen/Qwen2-VL-2B-Instruct",
         prompt="step",
         rewards="step_accuracy,step_validity",
@@ -197,13 +146,11 @@ VARIANTS = {
         sft_weight_decay=0.05,
         sft_batch=128,
     ),
-    # PTST: 100 steps per stage is our default, not a published number
-    "vision-r1": dict(
+    "vision-r1": dict(  # Vision-R1: cold-start SFT, then GRPO under PTST
         model="Qwen/Qwen2.5-VL-7B-Instruct",
         prompt="plain",
         rewards="hard_format",
-        temperature=1.0,
-        ptst="4096:16:100,8192:8:100",
+        ptst="4096:16:100,8192:8:100",  # 100 steps per stage is our default, not a published number
         data="",
         sft_epochs=2,
         sft_lr=5e-6,
@@ -214,8 +161,6 @@ VARIANTS = {
     ),
 }
 # --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M random model notices
-
-
 TINY = dict(
     data="synthetic",
     eval_data="synthetic:64",
