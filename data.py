@@ -30,7 +30,8 @@ P1 = (
 P2 = "  Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
 # P3 (StepGRPO): instructions for the step-wise sections, then the question.
 P3 = (
-    "Solve the question about the image step by step. First describe the image under '### Image Description:', "
+    "Solve the question about the image step by step. First describe the image under "
+    "'### Image Description:', "
     "then give the rationale under '### Rationales:', then write '### Let's think step by step.' and the "
     "numbered steps '### Step 1:', '### Step 2:', ..., and end with '### The final answer is:' and the "
     "answer.\n\n"
@@ -103,7 +104,7 @@ def check_images(ex, i, name):
     for im in ex["images"]:
         try:  # bytes are opened by open_image, paths here; a PIL image is open already; URLs are left to load
             if isinstance(im := open_image(im), str) and not im.startswith(("http://", "https://", "data:")):
-                Image.open(im.removeprefix("file://")).size
+                Image.open(im.removeprefix("file://")).close()  # its header parsed, or it raised
         except Exception as e:  # noqa: BLE001 -- any failure to read it is this row's fault
             raise BadRow(name, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
 
@@ -271,7 +272,7 @@ def read_table(spec, split):
 
 
 def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
-    """`synthetic[:N[:Task,...]]`, a .json/.jsonl/.parquet/.csv file, a data set folder or a hub id. Only the rows
+    """`synthetic[:N[:Task,...]]`, a .json/.jsonl/.parquet/.csv file, a data set folder or a hub id. Only rows
     the run uses are read: SAT's single-image ones, and of those (or of all) a seeded sample of max_rows
     (0: all); images stay bytes or paths until a batch needs them. A bad row stops the load with its data
     set, row and column named, or with skip_bad is skipped and counted."""
@@ -307,7 +308,8 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
         adapter = from_plain
     else:
         raise ValueError(
-            f"data set {spec!r}: columns {sorted(columns)} match no known schema; expected plain (image|images|"
+            f"data set {spec!r}: columns {sorted(columns)} match no known schema; expected plain ("
+            "image|images|"
             "image_path, prompt|question|problem, answer|solution), SAT (image_bytes, question, answers, "
             "correct_answer) or chat (messages|conversations, images)"
         )
@@ -317,7 +319,7 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
     out, skipped = [], collections.Counter()
     if isinstance(rows, list):
         rows = [rows[i] for i in keep]
-    else:  # only the kept rows are read, a batch at a time, images as stored ({"bytes", "path"}): none decoded
+    else:  # only the kept rows are read, a batch at a time, images as stored ({"bytes", "path"}), undecoded
         rows = itertools.chain.from_iterable(
             b.to_pylist() for b in rows.select(keep).with_format("arrow").iter(256)
         )
@@ -359,8 +361,8 @@ def draw(d, shape, color, x, y, r, drawn):
 
 
 def synthetic_rows(n, seed, tasks=TASKS):
-    """n rows of coloured shapes in CV-Bench's schema, `tasks` in turn: Count, Relation (left/right), Depth (the
-    bigger is closer), Distance; Color, the demo's easy one, lists its choices in one order. Seeded."""
+    """n rows of coloured shapes in CV-Bench's schema, `tasks` in turn: Count, Relation (left/right), Depth
+    (the bigger is closer), Distance; Color, the demo's easy one, lists its choices in one order. Seeded."""
     rng, rows = random.Random(seed), []
     for i in range(n):
         task = tasks[i % len(tasks)]

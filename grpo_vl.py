@@ -160,7 +160,7 @@ VARIANTS = {
         micro_batch=2,  # sequences of up to 9,000 tokens on a 7B model: see the README's memory section
     ),
 }
-# --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M random model notices
+# --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M model notices
 TINY = dict(
     data="synthetic",
     eval_data="synthetic:64",
@@ -274,7 +274,7 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
 
 
 def sampling(args, banned):
-    """Plain sampling at T (G8, I1): transformers' default top_k=50 and hub configs' settings would change it."""
+    """Plain sampling at T (G8, I1): transformers' top_k=50 default or a hub config would change it."""
     return dict(
         do_sample=True,
         temperature=args.temperature,
@@ -459,7 +459,7 @@ def linear_decay(s, steps):
 
 
 def write_trajectories(out, step, texts, ex_of, n_tok, per_fn, A):
-    """OUT/trajectories/step_N.jsonl: rank 0's completions with their rewards -- where an 'aha moment' is read."""
+    """OUT/trajectories/step_N.jsonl: rank 0's completions and rewards, where an 'aha moment' is read."""
     os.makedirs(os.path.join(out, "trajectories"), exist_ok=True)
     with open(os.path.join(out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
         for i, (text, ex) in enumerate(zip(texts, ex_of)):
@@ -607,9 +607,7 @@ def parse_args(argv=None):
             f"--ptst {args.ptst!r}: expected tokens:G:steps stages, comma-separated (4096:16:100,8192:8:100)"
         )
     if min([args.num_generations] + [G for _, G, _ in parse_ptst(args.ptst)]) < 2:
-        p.error(
-            "--num-generations (and every PTST stage's G) must be at least 2: a group of one has no advantage (G2)"
-        )
+        p.error("--num-generations (and each PTST stage's G) must be at least 2: a lone completion has no G2")
     if args.mu < 1:
         p.error(f"--mu {args.mu}: at least 1 policy epoch per rollout batch (G7)")
     return args
@@ -694,7 +692,7 @@ def data_order(n, needed, seed):
 
 
 def my_share(order, step, n, rank, world):
-    """This rank's part of step `step`'s n examples (whole groups: a prompt's G completions stay on one rank)."""
+    """This rank's part of step `step`'s n examples (a prompt's G completions stay on one rank)."""
     return order[(step - 1) * n : step * n][rank * n // world : (rank + 1) * n // world]
 
 
@@ -761,7 +759,7 @@ def warmup_cosine(s, warm, steps):
 
 
 def clip_and_step(params, opt, max_norm):
-    """Clip the gradient norm, then step -- unless it is not finite: then stop, keeping the last checkpoint."""
+    """Clip the gradient norm, then step -- unless it is not finite: then stop; the last checkpoint stays."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
@@ -774,7 +772,7 @@ def clip_and_step(params, opt, max_norm):
     return grad_norm
 
 
-# ============================================================================ engineering: evaluation (protocol E)
+# ======================================================================= engineering: evaluation (protocol E)
 def run_eval(model, exs, args, run, name):
     """Protocol E on --eval-data, printed and written to OUT/<name>.json by rank 0."""
     with run["amp"]:
@@ -831,7 +829,7 @@ def mean(values):
 
 
 def judge(text, ex, style):
-    """(correct, well formatted), read as the variant's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
+    """(correct, well formatted), as the variant's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
     if style == "step":
         return float(R.is_correct(R.step_answer(text), ex)), R.step_validity(text)
     return R.accuracy(text, ex), R.think_answer_format(text)
@@ -913,7 +911,7 @@ def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
         return exs
     except (ValueError, OSError) as e:
         print(f"grpo_vl.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 def within_prompt_cap(exs, spec, args, processor):
@@ -927,7 +925,7 @@ def within_prompt_cap(exs, spec, args, processor):
         print(
             f"grpo_vl.py: error: {data.BadRow(spec, exs[long[0]]['row'], 'question', why)}", file=sys.stderr
         )
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     if long:
         print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
     return [ex for j, ex in enumerate(exs) if j not in long]
@@ -935,9 +933,10 @@ def within_prompt_cap(exs, spec, args, processor):
 
 # ============================================================================ engineering: models
 TINY_TEMPLATE = (  # Qwen2-VL's chat template, minus the default system turn
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}{% for c in "
-    "m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif "
-    "%}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 

@@ -7,6 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -r requirements.txt
 fi
+[ -x .venv/bin/ruff ] || .venv/bin/pip install --quiet -r requirements-dev.txt  # for tests/test_lint.py
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cmd="${1:-}"; shift || true
 case "$cmd" in
