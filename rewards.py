@@ -161,8 +161,8 @@ def step_answer(text):
 
 
 def occurs(form, steps):
-    """R4: the form, compared as the steps are, stands in them at word boundaries: a word-character edge
-    of it may not continue a word ('is 2' is in 'this is 2', not in 'this 2'); punctuation delimits itself."""
+    """Does the form, compared as the steps are, stand in them at word boundaries (R4)? A word-character
+    edge of it may not continue a word ('is 2' is in 'this is 2', not 'this 2'); punctuation is its own."""
     f = re.sub(r"\s+", " ", form.lower()).strip()
     left = r"(?<!\w)" if re.match(r"\w", f[:1]) else ""
     right = r"(?!\w)" if re.match(r"\w", f[-1:]) else ""
