@@ -42,6 +42,7 @@ HALF = steps("The area is 13.", "Then 6/3 = 2.")
         (HALF, 1 + 0.1 * 0.5),  # correct, half the key steps
         (steps("The area is 12.", "6/3 = 2", answer="3"), 0.1 * 1.0),  # answered but wrong
         (steps("The area is 12.", "6/3 = 2", answer=None), 0.0),  # no answer at all
+        (steps("The area is 12.", "6/3 = 2", answer=""), 0.0),  # the final answer's line is empty
         (steps("Six divided by three... 6 DIVIDED   by\n3 is 2."), 1 + 0.1 * 0.5),  # case and whitespace
         (steps("we get \\frac{6}{3}=2 and AREA = 12"), 1 + 0.1 * 1.0),  # equivalent surface forms
         (steps("x", answer="\\boxed{2}"), 1.0),  # R1's equality on the answer
