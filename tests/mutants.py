@@ -95,6 +95,13 @@ MUTANTS = [
         EQ + "g6_sequence_mean_weights_short_answers_more",
     ),
     Mutant(
+        "G5/G6 loss = +J: the update descends the objective",
+        "grpo_vl.py",
+        "loss = -aggregate(L, mask, args.loss_agg) / denom",
+        "loss = aggregate(L, mask, args.loss_agg) / denom",
+        "test_train.py::test_a_policy_step_climbs_the_objective",
+    ),
+    Mutant(
         "G8 scoring without the temperature",
         "grpo_vl.py",
         "logits = out.logits[:, :-1].float() / T",

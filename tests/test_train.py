@@ -195,6 +195,30 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
     assert m["frac_zero_std"] == 1.0 and m["reward"] == pytest.approx(sum(ex["row"] for ex in exs) / 3)
 
 
+def test_a_policy_step_climbs_the_objective(monkeypatch, tmp_path):
+    """The update ascends J (G5, G6): after one step, completions with A > 0 are likelier and those with A < 0
+    less likely than under pi_old. Seen in the second policy epoch (mu = 2): sum_i A_i mean_t log(pi/pi_old) > 0.
+    Everything else holds with the loss's sign flipped; a reward of the text's length varies in every group."""
+    seen, real = [], g.grpo_objective
+
+    def recording_objective(logp, old, *rest):
+        seen.append((logp.detach(), old, rest[1], rest[2]))  # log pi, log pi_old, A, mask
+        return real(logp, old, *rest)
+
+    def text_length(text, ex, n_tokens=0):
+        return float(len(text))
+
+    monkeypatch.setattr(g, "grpo_objective", recording_objective)
+    monkeypatch.setitem(R.REWARDS, "accuracy", text_length)
+    flags = ["--model", "tiny", "--data", "synthetic:16", "--max-steps", "1", "--rewards", "accuracy"]
+    g.main(
+        flags + ["--mu", "2", "--beta", "0", "--lr", "1e-3", "--max-new-tokens", "16", "--out", str(tmp_path)]
+    )
+    second = seen[len(seen) // 2 :]  # the micro-batches of epoch 2, after one optimizer step
+    gain = sum((A * ((logp - old) * mask).sum(1) / mask.sum(1)).sum().item() for logp, old, A, mask in second)
+    assert all((A != 0).any() for _, _, A, _ in second) and gain > 0, gain
+
+
 def test_fsdp_rollouts_gather_once_and_match_unsharded():
     out = run([*learning.TWO, "tests/fsdp_worker.py"], timeout=120)
     assert "rank 0: generated 3 tokens" in out and "rank 1: generated 40 tokens" in out
