@@ -26,7 +26,7 @@ def examples():
 
 @pytest.fixture(scope="session")
 def learned_one(tmp_path_factory):
-    """The output folder of tests/learning.py's run (4 SFT steps, 5 GRPO steps that really train), 1 process."""
+    """Output folder of tests/learning.py's run (4 SFT steps, 5 GRPO steps that really train), 1 process."""
     import learning
 
     return learning.run(learning.ONE, str(tmp_path_factory.mktemp("learned_one")))

@@ -117,9 +117,8 @@ def test_fsdp_two_ranks_match_one_process(learned_one, learned_two):
     rl = [(a, b) for a, b in zip(one, two) if a["phase"] == "rl"]
     assert rl[0][0]["kl"] == 0.0 == rl[0][1]["kl"]  # the reference was refreshed to the post-SFT weights
     for a, b in rl:  # the same completions, so the same rewards (float32 means)
-        assert (
-            a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["frac_zero_std"] == b["frac_zero_std"]
-        )
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
+        assert a["frac_zero_std"] == b["frac_zero_std"], (a, b)
     w1, w2 = (load_weights(os.path.join(out, "checkpoint")) for out in (learned_one, learned_two))
     start = g.build_tiny(0)[0].state_dict()
     for k in start:
@@ -132,10 +131,10 @@ def test_fsdp_two_ranks_match_one_process(learned_one, learned_two):
 
 
 def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt(tiny, monkeypatch, tmp_path):
-    """One rank, 3 prompts with different images, G = 3, micro-batches of 4 that cut across groups. Completion j
-    is generated from prompt j // G (its prompt tokens and image rows in the rollout batch), scored under that
-    prompt (every scoring forward), and rewarded with that prompt's data row (I8). A reward that depends on
-    the row alone is then constant within each group."""
+    """One rank, 3 prompts with different images, G = 3, micro-batches of 4 that cut across groups.
+    Completion j is generated from prompt j // G (its prompt tokens and image rows in the rollout batch),
+    scored under that prompt (every scoring forward), and rewarded with that prompt's data row (I8). A
+    reward that depends on the row alone is then constant within each group."""
     _, processor, _, _ = tiny
     G, rollouts, scored, rewarded = 3, [], [], []
     real_rollout, real_logprobs = g.rollout, g.token_logprobs
@@ -156,18 +155,10 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
     monkeypatch.setattr(g, "token_logprobs", recording_logprobs)
     monkeypatch.setitem(R.REWARDS, "accuracy", row_reward)
     out = str(tmp_path / "i8")
-    flags = ["--model", "tiny", "--data", "synthetic:16", "--max-steps", "1", "--prompts-per-step", "3"]
-    flags += [
-        "--num-generations",
-        str(G),
-        "--micro-batch",
-        "4",
-        "--max-new-tokens",
-        "8",
-        "--rewards",
-        "accuracy",
-    ]
-    g.main(flags + ["--out", out, "--log-completions-every", "0"])
+    g.main(
+        f"--model tiny --data synthetic:16 --max-steps 1 --prompts-per-step 3 --num-generations {G} "
+        f"--micro-batch 4 --max-new-tokens 8 --rewards accuracy --log-completions-every 0 --out {out}".split()
+    )
     ((exs, (b,)),) = rollouts  # one generate() call for the rank's 3 prompts
     args = g.parse_args(["--model", "tiny"])
     alone = [g.encode(processor, [ex], args) for ex in exs]
@@ -196,9 +187,9 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
 
 
 def test_a_policy_step_climbs_the_objective(monkeypatch, tmp_path):
-    """The update ascends J (G5, G6): after one step, completions with A > 0 are likelier and those with A < 0
-    less likely than under pi_old. Seen in the second policy epoch (mu = 2): sum_i A_i mean_t log(pi/pi_old) > 0.
-    Everything else holds with the loss's sign flipped; a reward of the text's length varies in every group."""
+    """The update ascends J (G5, G6): after one step, completions with A > 0 are likelier and those with
+    A < 0 less likely than under pi_old, as seen in the second policy epoch (mu = 2). Every other test
+    passes with the loss's sign flipped. A reward of the text's length varies in every group."""
     seen, real = [], g.grpo_objective
 
     def recording_objective(logp, old, *rest):
@@ -210,11 +201,12 @@ def test_a_policy_step_climbs_the_objective(monkeypatch, tmp_path):
 
     monkeypatch.setattr(g, "grpo_objective", recording_objective)
     monkeypatch.setitem(R.REWARDS, "accuracy", text_length)
-    flags = ["--model", "tiny", "--data", "synthetic:16", "--max-steps", "1", "--rewards", "accuracy"]
     g.main(
-        flags + ["--mu", "2", "--beta", "0", "--lr", "1e-3", "--max-new-tokens", "16", "--out", str(tmp_path)]
+        "--model tiny --data synthetic:16 --max-steps 1 --rewards accuracy --mu 2 --beta 0 --lr 1e-3 "
+        f"--max-new-tokens 16 --log-completions-every 0 --out {tmp_path}".split()
     )
     second = seen[len(seen) // 2 :]  # the micro-batches of epoch 2, after one optimizer step
+    # sum_i A_i * mean_t log(pi / pi_old): how far the step moved the sequence-mean surrogate (G6) upwards
     gain = sum((A * ((logp - old) * mask).sum(1) / mask.sum(1)).sum().item() for logp, old, A, mask in second)
     assert all((A != 0).any() for _, _, A, _ in second) and gain > 0, gain
 
