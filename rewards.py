@@ -45,6 +45,8 @@ def parse_number(s):
     s = s.strip()
     if s in NUMBER_WORDS:
         return float(NUMBER_WORDS[s])
+    if re.search(r"[\d.]\s+[\d.]", s):  # whitespace between digits: "1 2" is not 12, nor "1 000" a thousand
+        return None
     s = re.sub(r"\\[dt]frac", r"\\frac", s.replace(" ", "")).replace("\\cdot", "*").replace("\\times", "*")
     s = re.sub(
         r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$",
@@ -147,9 +149,8 @@ def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
 
 # --------------------------------------------------------------------------- StepGRPO (R1-VL)
 FINAL = "### The final answer is:"
-SECTION = re.compile(
-    r"### (Image Description|Rationales|Let's think step by step\.?|Step (\d{1,6})|"
-    r"The final answer is):"
+SECTION = re.compile(  # P3's headers; "### Let's think step by step." as P3 writes it, or with a colon
+    r"### (?:(Image Description|Rationales|Step (\d{1,6})|The final answer is):|Let's think step by step[.:])"
 )
 
 
@@ -159,20 +160,28 @@ def step_answer(text):
     return lines[0] if lines else None
 
 
+def occurs(form, steps):
+    """Does the form, compared as the steps are, stand in them at word boundaries (R4)? A word-character
+    edge of it may not continue a word ('is 2' is in 'this is 2', not 'this 2'); punctuation is its own."""
+    f = re.sub(r"\s+", " ", form.lower()).strip()
+    left = r"(?<!\w)" if re.match(r"\w", f[:1]) else ""
+    right = r"(?!\w)" if re.match(r"\w", f[-1:]) else ""
+    return bool(f) and re.search(left + re.escape(f) + right, steps) is not None
+
+
 def step_accuracy(text, ex, n_tokens=0, alpha=0.1):
-    """R4 StepRAR: k = |key steps matched| / |key steps|; a key step matches if any of its equivalent forms
-    occurs in the reasoning (case-insensitive, whitespace-normalised). r = 1 + alpha*k if the final answer
-    is right, alpha*k if an answer is given but wrong, 0 if there is no answer (the paper's three cases)."""
-    pred, squash = step_answer(text), lambda s: re.sub(r"\s+", "", s.lower())
+    """R4 StepRAR: k = |key steps matched| / |key steps|, a key step matching if one of its forms occurs in
+    the body of a '### Step N:' section (not the description, rationale or answer), case-insensitive,
+    whitespace runs as one space. r = 1 + alpha*k if the final answer is right, alpha*k if an answer is given
+    but wrong, 0 if there is no answer (the paper's three cases)."""
+    pred = step_answer(text)
     if pred is None:
         return 0.0
-    steps = ex.get("key_steps") or []
-    reasoning = squash(text.rpartition(FINAL)[0])
-    k = (
-        sum(any(squash(f) and squash(f) in reasoning for f in forms) for forms in steps) / len(steps)
-        if steps
-        else 0.0
-    )
+    parts = SECTION.split(text.rpartition(FINAL)[0])  # [before, name, step number, body, name, ...]
+    # the bodies of the steps, one a line: whitespace runs in a body are one space, so no form spans two
+    steps = "\n".join(re.sub(r"\s+", " ", b.lower()) for n, b in zip(parts[2::3], parts[3::3]) if n)
+    keys = ex.get("key_steps") or []
+    k = sum(any(occurs(f, steps) for f in forms) for forms in keys) / max(len(keys), 1)
     return float(is_correct(pred, ex)) + alpha * k
 
 
@@ -180,10 +189,8 @@ def step_validity(text, ex=None, n_tokens=0):
     """R5 StepRVR: 1 iff complete (description, rationale, >= 1 step, final answer all present) and logical
     (in that order, steps numbered 1..n consecutively, the final answer after the last step), else 0.
     '### Let's think step by step.' may stand between the rationale and step 1."""
-    kinds = [
-        f"S{m.group(2)}" if m.group(2) else m.group(1)[0] for m in SECTION.finditer(text)
-    ]  # I R L S1.. T
-    kinds = kinds[:2] + kinds[3:] if kinds[2:3] == ["L"] else kinds
+    kinds = [f"S{m.group(2)}" if m.group(2) else (m.group(1) or "L")[0] for m in SECTION.finditer(text)]
+    kinds = kinds[:2] + kinds[3:] if kinds[2:3] == ["L"] else kinds  # I R S1.. T, "Let's think" dropped
     n = len(kinds) - 3  # the steps
     return float(n >= 1 and kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])
 

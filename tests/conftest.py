@@ -22,3 +22,19 @@ def tiny():
 @pytest.fixture(scope="session")
 def examples():
     return data.load_examples("synthetic:16", "train", seed=0)
+
+
+@pytest.fixture(scope="session")
+def learned_one(tmp_path_factory):
+    """Output folder of tests/learning.py's run (4 SFT steps, 5 GRPO steps that really train), 1 process."""
+    import learning
+
+    return learning.run(learning.ONE, str(tmp_path_factory.mktemp("learned_one")))
+
+
+@pytest.fixture(scope="session")
+def learned_two(tmp_path_factory):
+    """The same run on 2 FSDP ranks (torchrun)."""
+    import learning
+
+    return learning.run(learning.TWO, str(tmp_path_factory.mktemp("learned_two")))

@@ -23,6 +23,15 @@ def test_g2_group_advantage_by_hand():
     assert frac_zero == 0.5
 
 
+def test_g2_a_flat_group_is_exactly_zero_even_where_float_rounding_is_not():
+    # six equal rewards of 0.3: their float32 mean is not exactly 0.3, so (r - mean) / (std + 1e-4) would be
+    # about 3e-4 for every completion (a push that no reward asked for); the flat group is set to 0 instead
+    r = torch.full((6,), 0.3)
+    assert ((r - r.mean()) / (r.std() + 1e-4)).abs().max() > 1e-4  # what the formula alone gives
+    A, frac_zero = group_advantages(r, G=6)
+    assert torch.equal(A, torch.zeros(6)) and frac_zero == 1.0
+
+
 def test_g2_groups_are_contiguous():
     # two groups of two: [1, 0] and [5, 7]; a .repeat layout would mix them
     A, _ = group_advantages(torch.tensor([1.0, 0.0, 5.0, 7.0]), G=2)

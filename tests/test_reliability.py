@@ -4,9 +4,6 @@ numerics, loading safety."""
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,101 +11,47 @@ import torch
 
 import data
 import grpo_vl as g
+import learning
 import rewards as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-RUN = [
-    "grpo_vl.py",
-    "--model",
-    "tiny",
-    "--data",
-    "synthetic:64",
-    "--sft-steps",
-    "3",
-    "--sft-lr",
-    "1e-3",
-    "--max-steps",
-    "5",
-    "--save-every",
-    "1",
-    "--length-bonus",
-    "0.01",
-    "--lr",
-    "1e-3",
-    "--max-new-tokens",
-    "24",
-    "--gen-batch",
-    "1",
-    "--log-completions-every",
-    "0",
-]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-
-
-def weights(out):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(out, "checkpoint", "model.safetensors"))
 
 
 def steps(out):
-    return [(r["phase"], r["step"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
+    return [(m["phase"], m["step"]) for m in learning.metrics(out)]
 
 
-def kill_when(cmd, out, n_lines, timeout=300):
-    """Start cmd, SIGKILL it (and its children) once metrics.jsonl has n_lines lines."""
-    p = subprocess.Popen(
-        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    t0, path = time.time(), os.path.join(out, "metrics.jsonl")
-    while time.time() - t0 < timeout and p.poll() is None:
-        if os.path.exists(path) and len(open(path).readlines()) >= n_lines:
-            os.killpg(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("whole"))
-    subprocess.run([sys.executable, *RUN, "--out", out], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    return out
-
-
-def test_resume_after_sigkill_is_bitwise_identical(uninterrupted, tmp_path):
+def test_resume_after_sigkill_is_bitwise_identical(learned_one, tmp_path):
+    """tests/learning.py's run, killed in SFT and again in RL and resumed each time, ends with the same
+    weights, bit for bit, as the uninterrupted run, through the same grad_norm at every step; and the
+    steps run after each resume changed the weights (the comparison can fail)."""
     out = str(tmp_path / "killed")
-    n = random.Random(7).randint(2, 6)  # somewhere in SFT (3 steps) or RL (5 steps)
-    kill_when([sys.executable, *RUN, "--out", out], out, n)
-    subprocess.run(
-        [sys.executable, *RUN, "--out", out, "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True
-    )
-    a, b = weights(uninterrupted), weights(out)
+    resumed_from = learning.kill_twice_and_resume(learning.ONE, out)
+    assert resumed_from[0].startswith("sft-") and resumed_from[1].startswith("rl-")
+    a, b = learning.weights(learned_one), learning.weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (
-        steps(out)
-        == steps(uninterrupted)
-        == [("sft", i) for i in (1, 2, 3)] + [("rl", i) for i in range(1, 6)]
-    )
+    assert steps(out) == steps(learned_one) == learning.PHASES
+    norms = [[m["grad_norm"] for m in learning.metrics(o)] for o in (out, learned_one)]
+    assert norms[0] == norms[1]
+    for since in resumed_from:
+        learning.assert_learned(learned_one, since, tol=1e-4)
 
 
-def test_resume_under_two_ranks_matches_within_float_tolerance(uninterrupted, tmp_path):
-    whole, out = str(tmp_path / "whole2"), str(tmp_path / "killed2")
-    subprocess.run([*TORCHRUN, *RUN, "--out", whole], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    kill_when([*TORCHRUN, *RUN, "--out", out], out, 5)
-    subprocess.run(
-        [*TORCHRUN, *RUN, "--out", out, "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True
-    )
-    a, b, c = weights(whole), weights(out), weights(uninterrupted)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+def test_resume_under_two_ranks_matches_within_float_tolerance(learned_two, learned_one, tmp_path):
+    """The same on 2 FSDP ranks: every process of the run is killed (torchrun's workers too), and the
+    resumed run matches the uninterrupted 2-rank run within float tolerance."""
+    out = str(tmp_path / "killed2")
+    resumed_from = learning.kill_twice_and_resume(learning.TWO, out)
+    a, b = learning.weights(learned_two), learning.weights(out)
+    diff = learning.max_diff(a, b)
     print(
-        f"\n2 ranks, resumed vs uninterrupted: max |diff| = {diff:.3g}; "
-        f"vs 1 process: {max((c[k] - b[k]).abs().max().item() for k in a):.3g}"
+        f"\n2 ranks, resumed from {resumed_from} vs uninterrupted: max |diff| = {diff:.3g}; "
+        f"vs 1 process: {learning.max_diff(learning.weights(learned_one), b):.3g}"
     )
     assert diff < 1e-6
-    assert steps(out) == steps(uninterrupted)
+    assert steps(out) == steps(learned_two) == learning.PHASES
+    for since in resumed_from:
+        learning.assert_learned(learned_two, since, tol=1e-6)
 
 
 def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypatch):
@@ -318,7 +261,7 @@ def test_non_finite_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_pat
             "0.01",
         ]
     )
-    good = weights(out)
+    good = learning.weights(out)
     real = g.grpo_loss
     monkeypatch.setattr(g, "grpo_loss", lambda *a: (real(*a)[0] * float("nan"), *real(*a)[1:]))
     with pytest.raises(SystemExit, match="gradient norm nan"):
@@ -341,7 +284,7 @@ def test_non_finite_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_pat
                 "--resume",
             ]
         )
-    after = weights(out)
+    after = learning.weights(out)
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 

@@ -60,10 +60,36 @@ def test_r1_accuracy(text, ex, expected):
         ("9**9**9**9", "0", False),
         ("2^{1000000}", "0", False),
         ("\\sqrt{-1}", "0", False),
+        # whitespace between digits is not a number: "1 2" is neither 12 nor 1*2
+        ("1 2", "12", False),
+        ("1 2", "2", False),
+        ("1. 5", "1.5", False),
+        ("2 3/4", "5.75", False),  # a mixed number is not read as 23/4
+        # "1 000": a thousands separator or two numbers? Not a number, as "1,000" is not
+        ("1 000", "1000", False),
+        ("1,000", "1000", False),
+        # spaces next to an operator, a unit or a command stay fine
+        ("12 cm", "12", True),
+        ("3 / 4", "0.75", True),
+        ("- 3", "-3", True),
+        ("2 \\sqrt{ 4 }", "4", True),
+        ("\\frac{1}{2}", "1/2", True),
     ],
 )
 def test_r1_number_equality(a, b, equal):
     assert R.answers_equal(a, b) is equal
+
+
+def test_numbers_with_spaces_between_digits_are_not_numbers():
+    assert [R.parse_number(s) for s in ("12", "1 2", "1 000", "3 / 4", "12 cm")] == [
+        12.0,
+        None,
+        None,
+        0.75,
+        12.0,
+    ]
+    assert R.accuracy("<think>x</think><answer>1 2</answer>", {"answer": "12"}) == 0.0
+    assert R.accuracy("<think>x</think><answer>12 cm</answer>", {"answer": "12"}) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -42,17 +42,59 @@ HALF = steps("The area is 13.", "Then 6/3 = 2.")
         (HALF, 1 + 0.1 * 0.5),  # correct, half the key steps
         (steps("The area is 12.", "6/3 = 2", answer="3"), 0.1 * 1.0),  # answered but wrong
         (steps("The area is 12.", "6/3 = 2", answer=None), 0.0),  # no answer at all
+        (steps("The area is 12.", "6/3 = 2", answer=""), 0.0),  # the final answer's line is empty
         (steps("Six divided by three... 6 DIVIDED   by\n3 is 2."), 1 + 0.1 * 0.5),  # case and whitespace
-        (steps("we get \\frac{6}{3} = 2 and AREA=12"), 1 + 0.1 * 1.0),  # equivalent surface forms
+        (steps("we get \\frac{6}{3}=2 and AREA = 12"), 1 + 0.1 * 1.0),  # equivalent surface forms
         (steps("x", answer="\\boxed{2}"), 1.0),  # R1's equality on the answer
         (
             FULL.replace("The area is 12.", "") + "\n(area is 12 after the answer)",
             1 + 0.1 * 0.5,
-        ),  # reasoning only
+        ),  # the final answer's section is not a step
     ],
 )
 def test_r4_step_rar(text, expected):
     assert R.step_accuracy(text, EX) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        # only the bodies of the '### Step N:' sections count: 'area is 12' elsewhere is not a matched step
+        (
+            FULL.replace("A rectangle 4 by 3.", "A rectangle, area is 12.").replace("The area is 12.", "x"),
+            1.05,
+        ),
+        (
+            FULL.replace("Compute the area", "The area is 12, compute it").replace("The area is 12.", "x"),
+            1.05,
+        ),
+        (steps("x", "6/3 = 2").replace("step by step.", "step by step. The area is 12."), 1.05),  # its line
+        # a header inside the steps ends the step before it: what follows is not that step's body
+        (steps("6/3 = 2\n### Let's think step by step:\nthe area is 12"), 1.05),
+        (steps("6/3 = 2", "the area is 12"), 1.1),  # the same two steps, each in its own body
+        # whitespace runs collapse to one space, they are not deleted: "6/3=2" is not the form "6/3 = 2"
+        (steps("Then 6/3=2, and the area  is\t12."), 1.05),
+        # word boundaries at a word-character edge of the form, on both sides
+        (steps("16/3 = 2 and the area is 123"), 1.0),
+        (steps("x=6/3 = 2; (area is 12)"), 1.1),  # punctuation next to the form is a boundary
+        (steps("thearea is 12, 6/3 = 2b"), 1.0),
+        # a form that starts with punctuation ('\\frac') has no boundary to keep on that side
+        (steps("so\\frac{6}{3}=2, y"), 1.05),
+        (steps("\\frac{6}{3}=25"), 1.0),
+    ],
+)
+def test_r4_matches_inside_step_bodies_at_word_boundaries(text, expected):
+    assert R.step_accuracy(text, EX) == pytest.approx(expected)
+
+
+def test_r4_word_boundaries_with_a_short_form():
+    """'is 2' is in 'this is 2' but not in 'this 2' (the whitespace-deleting comparison found it there)."""
+    ex = {"answer": "2", "key_steps": [["is 2"]]}
+    assert R.step_accuracy(steps("So this is 2."), ex) == pytest.approx(1.1)
+    assert R.step_accuracy(steps("So this 2."), ex) == 1.0
+    assert R.step_accuracy(steps("So it IS\n 2"), ex) == pytest.approx(1.1)
+    assert R.step_accuracy(steps("So it is 2x"), ex) == 1.0
+    assert R.step_accuracy(steps("So it is 2"), {"answer": "2", "key_steps": [["  "], ["is 2"]]}) == 1.05
 
 
 def test_r4_rows_without_key_steps_still_reward_the_outcome():
@@ -82,6 +124,15 @@ def test_r4_rows_without_key_steps_still_reward_the_outcome():
             0.0,
         ),  # answer before last step
         (FULL + "\n### The final answer is: 3", 0.0),  # two final answers
+        # "### Let's think step by step." is a section, as P3 writes it (no colon) or with a colon
+        (FULL.replace("step by step.", "step by step:"), 1.0),
+        (
+            "### Image Description:\nd\n### Let's think step by step.\n### Rationales:\nr\n"
+            "### Step 1:\na\n### The final answer is: 2",
+            0.0,
+        ),  # before the rationale: out of order
+        (steps("a", "b").replace("### Step 2:", "### Let's think step by step.\n### Step 2:"), 0.0),
+        (FULL.replace("### Step 1:", "### Let's think step by step.\n### Step 1:"), 0.0),  # twice
     ],
 )
 def test_r5_step_rvr(text, expected):

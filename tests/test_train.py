@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import grpo_vl as g
+import learning
+import rewards as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
 
 
 def run(cmd, timeout=300):
@@ -104,53 +105,114 @@ def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(
     assert any(not torch.equal(weights[k], v) for k, v in start.items())  # it trained
 
 
-def test_fsdp_two_ranks_match_one_process(tmp_path):
-    """Same prompts, same completions (--gen-batch 1 makes sampling rank-count independent): two SFT steps
-    and one GRPO update on 2 FSDP ranks equal the single-process ones within float tolerance."""
-    flags = [
-        "grpo_vl.py",
-        "--model",
-        "tiny",
-        "--data",
-        "synthetic:32",
-        "--max-steps",
-        "1",
-        "--gen-batch",
-        "1",
-        "--sft-steps",
-        "2",
-        "--sft-lr",
-        "1e-3",
-        "--length-bonus",
-        "0.01",
-        "--lr",
-        "1e-2",
-        "--micro-batch",
-        "3",
-        "--log-completions-every",
-        "0",
-        "--max-new-tokens",
-        "48",
-    ]
-    run([sys.executable, *flags, "--out", str(tmp_path / "one")])
-    run([*TORCHRUN, *flags, "--out", str(tmp_path / "two")])
-    (s1, s1b, m1), (s2, s2b, m2) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert s1["phase"] == "sft" and s1b["loss"] == pytest.approx(s2b["loss"], rel=1e-5)
-    assert m1["kl"] == 0.0 == m2["kl"]  # the reference was refreshed to the post-SFT weights on every rank
-    assert m1["reward"] == pytest.approx(m2["reward"], abs=1e-6) and m1["frac_zero_std"] < 1  # float32 means
-    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
-    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4, abs=1e-9)
-    w1, w2 = load_weights(tmp_path / "one" / "checkpoint"), load_weights(tmp_path / "two" / "checkpoint")
+def test_fsdp_two_ranks_match_one_process(learned_one, learned_two):
+    """tests/learning.py's run (4 SFT steps, then 5 GRPO steps that really train) on 2 FSDP ranks equals it
+    in one process, step by step, within float tolerance: same prompts, same completions (--gen-batch 1
+    makes sampling rank-count independent), micro-batches of 3 that cut across groups."""
+    one, two = metrics(learned_one), metrics(learned_two)
+    assert [(m["phase"], m["step"]) for m in one] == [(m["phase"], m["step"]) for m in two] == learning.PHASES
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-9), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
+    rl = [(a, b) for a, b in zip(one, two) if a["phase"] == "rl"]
+    assert rl[0][0]["kl"] == 0.0 == rl[0][1]["kl"]  # the reference was refreshed to the post-SFT weights
+    for a, b in rl:  # the same completions, so the same rewards (float32 means)
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
+        assert a["frac_zero_std"] == b["frac_zero_std"], (a, b)
+    w1, w2 = (load_weights(os.path.join(out, "checkpoint")) for out in (learned_one, learned_two))
     start = g.build_tiny(0)[0].state_dict()
     for k in start:
         assert not torch.equal(w1[k], start[k]), f"{k} did not move"  # every parameter group was updated
-        # Adam's first step is lr*g/(|g|+eps): float-order noise in a near-zero gradient can move a weight
-        # by a small fraction of lr, so the tolerance is relative to lr (1e-2); the gradient norm above is exact
+        # Adam's step is lr*m/(sqrt(v)+eps): float-order noise in a near-zero gradient can move a weight by a
+        # small fraction of lr (1e-3), so the tolerance is relative to lr; the gradient norms above are exact
         assert torch.allclose(w1[k], w2[k], atol=1e-4), (k, (w1[k] - w2[k]).abs().max())
+    for out in (learned_one, learned_two):  # and GRPO moved them by more than that
+        learning.assert_learned(out, "sft-000004", tol=1e-4)
+
+
+def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt(tiny, monkeypatch, tmp_path):
+    """One rank, 3 prompts with different images, G = 3, micro-batches of 4 that cut across groups.
+    Completion j is generated from prompt j // G (its prompt tokens and image rows in the rollout batch),
+    scored under that prompt (every scoring forward), and rewarded with that prompt's data row (I8). A
+    reward that depends on the row alone is then constant within each group."""
+    _, processor, _, _ = tiny
+    G, rollouts, scored, rewarded = 3, [], [], []
+    real_rollout, real_logprobs = g.rollout, g.token_logprobs
+
+    def recording_rollout(model, processor, exs, *rest, **kw):
+        rollouts.append((exs, real_rollout(model, processor, exs, *rest, **kw)))
+        return rollouts[-1][1]
+
+    def recording_logprobs(model, b, *rest):
+        scored.append({k: b[k] for k in (*g.MODEL_KEYS, "n_images", "completion")})
+        return real_logprobs(model, b, *rest)
+
+    def row_reward(text, ex, n_tokens=0):  # depends on the data row only
+        rewarded.append((text, ex))
+        return float(ex["row"])
+
+    monkeypatch.setattr(g, "rollout", recording_rollout)
+    monkeypatch.setattr(g, "token_logprobs", recording_logprobs)
+    monkeypatch.setitem(R.REWARDS, "accuracy", row_reward)
+    out = str(tmp_path / "i8")
+    g.main(
+        f"--model tiny --data synthetic:16 --max-steps 1 --prompts-per-step 3 --num-generations {G} "
+        f"--micro-batch 4 --max-new-tokens 8 --rewards accuracy --log-completions-every 0 --out {out}".split()
+    )
+    ((exs, (b,)),) = rollouts  # one generate() call for the rank's 3 prompts
+    args = g.parse_args(["--model", "tiny"])
+    alone = [g.encode(processor, [ex], args) for ex in exs]
+    assert len({ex["row"] for ex in exs}) == 3 and len({a["pixel_values"].shape for a in alone}) > 1
+    texts = [g.completion_text(t, args) for t in processor.batch_decode(b["completion"], True)]
+
+    def assert_own_prompt(batch, i, j):  # sequence i of `batch` is completion j under prompt j // G
+        seq, own = g.take(batch, [i]), alone[j // G]
+        assert seq["input_ids"][seq["attention_mask"].bool()].tolist() == own["input_ids"][0].tolist(), (i, j)
+        assert torch.equal(seq["pixel_values"], own["pixel_values"]) and torch.equal(
+            seq["completion"], b["completion"][j : j + 1]
+        ), (i, j)
+
+    for j in range(3 * G):  # generated from
+        assert_own_prompt(b, j, j)
+    assert sum(len(mb["completion"]) for mb in scored) == 2 * 3 * G  # reference, then policy forwards
+    j = 0
+    for mb in scored:  # scored against
+        for i in range(len(mb["completion"])):
+            assert_own_prompt(mb, i, j % (3 * G))
+            j += 1
+    assert [ex["row"] for _, ex in rewarded] == [ex["row"] for ex in exs for _ in range(G)]  # rewarded with
+    assert [t for t, _ in rewarded] == texts
+    (m,) = metrics(out)
+    assert m["frac_zero_std"] == 1.0 and m["reward"] == pytest.approx(sum(ex["row"] for ex in exs) / 3)
+
+
+def test_a_policy_step_climbs_the_objective(monkeypatch, tmp_path):
+    """The update ascends J (G5, G6): after one step, completions with A > 0 are likelier and those with
+    A < 0 less likely than under pi_old, as seen in the second policy epoch (mu = 2). Every other test
+    passes with the loss's sign flipped. A reward of the text's length varies in every group."""
+    seen, real = [], g.grpo_loss
+
+    def recording_objective(logp, old, *rest):
+        seen.append((logp.detach(), old, rest[1], rest[2]))  # log pi, log pi_old, A, mask
+        return real(logp, old, *rest)
+
+    def text_length(text, ex, n_tokens=0):
+        return float(len(text))
+
+    monkeypatch.setattr(g, "grpo_loss", recording_objective)
+    monkeypatch.setitem(R.REWARDS, "accuracy", text_length)
+    g.main(
+        "--model tiny --data synthetic:16 --max-steps 1 --rewards accuracy --mu 2 --beta 0 --lr 1e-3 "
+        f"--max-new-tokens 16 --log-completions-every 0 --out {tmp_path}".split()
+    )
+    second = seen[len(seen) // 2 :]  # the micro-batches of epoch 2, after one optimizer step
+    # sum_i A_i * mean_t log(pi / pi_old): how far the step moved the sequence-mean surrogate (G6) upwards
+    gain = sum((A * ((logp - old) * mask).sum(1) / mask.sum(1)).sum().item() for logp, old, A, mask in second)
+    assert all((A != 0).any() for _, _, A, _ in second) and gain > 0, gain
 
 
 def test_fsdp_rollouts_gather_once_and_match_unsharded():
-    out = run([*TORCHRUN, "tests/fsdp_worker.py"], timeout=120)
+    out = run([*learning.TWO, "tests/fsdp_worker.py"], timeout=120)
     assert "rank 0: generated 3 tokens" in out and "rank 1: generated 40 tokens" in out
 
 

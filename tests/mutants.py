@@ -1,0 +1,346 @@
+"""./run.sh mutants [LABEL-PREFIX ...]: break each line that matters, one at a time, and check a test notices.
+
+Each mutant below is one entry: a label, a file, an exact snippet of it (found exactly once), the snippet
+that replaces it, and the tests that guard it (node ids under tests/). The script copies the repository to a
+temporary folder (the working tree is never touched), checks that every guarding test passes there as is,
+then applies each mutant alone, runs its tests (stopping at the first failure) and restores the file. It
+prints caught / survived per mutant and the kill rate, and exits 1 if a mutant survived or a snippet was not
+found. Not part of ./run.sh test: the resume and FSDP mutants each rerun multi-process runs.
+"""
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Mutant = collections.namedtuple("Mutant", "label file original mutated tests")
+
+# test node ids, shortened
+EQ = "test_equations.py::test_"
+RW = "test_rewards.py::test_"
+STEP = "test_stepgrpo.py::test_"
+VR1 = "test_vision_r1.py::test_"
+G8 = "test_model.py::test_g8_scoring_logprobs_equal_sampling_distribution"
+I8 = "test_train.py::test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt"
+RESUME = (
+    "test_reliability.py::test_resume_after_sigkill_is_bitwise_identical "
+    "test_reliability.py::test_resume_under_two_ranks_matches_within_float_tolerance"
+)
+FSDP = (
+    "test_train.py::test_fsdp_rollouts_gather_once_and_match_unsharded "
+    "test_train.py::test_fsdp_two_ranks_match_one_process"
+)
+
+MUTANTS = [
+    # ---- the GRPO equations
+    Mutant(
+        "G2 biased std",
+        "grpo_vl.py",
+        "(r.std(1, keepdim=True) + 1e-4)",
+        "(r.std(1, keepdim=True, correction=0) + 1e-4)",
+        EQ + "g2_group_advantage_by_hand",
+    ),
+    Mutant(
+        "G2 zero-std groups not zeroed",
+        "grpo_vl.py",
+        "return A.masked_fill(flat[:, None], 0.0).view(-1),",
+        "return A.view(-1),",
+        EQ + "g2_a_flat_group_is_exactly_zero_even_where_float_rounding_is_not",
+    ),
+    Mutant(
+        "G2 groups read with .repeat's layout",
+        "grpo_vl.py",
+        "r = r.view(-1, G)  # (P, G)",
+        "r = r.view(G, -1).T  # (P, G)",
+        EQ + "g2_groups_are_contiguous",
+    ),
+    Mutant(
+        "G3 ratio inverted",
+        "grpo_vl.py",
+        "ratio = torch.exp(logp - old)",
+        "ratio = torch.exp(old - logp)",
+        EQ + "g3_g4_g5_per_token_by_hand",
+    ),
+    Mutant(
+        "G5 max instead of min",
+        "grpo_vl.py",
+        "surrogate = torch.min(",
+        "surrogate = torch.max(",
+        EQ + "g3_g4_g5_per_token_by_hand",
+    ),
+    Mutant(
+        "G5 clip range",
+        "grpo_vl.py",
+        "ratio.clamp(1 - eps, 1 + eps)",
+        "ratio.clamp(1 - eps, 1 + 2 * eps)",
+        EQ + "g3_g4_g5_per_token_by_hand",
+    ),
+    Mutant(
+        "G4 KL the other way",
+        "grpo_vl.py",
+        "D = torch.exp(ref - logp) - (ref - logp) - 1",
+        "D = torch.exp(logp - ref) - (logp - ref) - 1",
+        f"{EQ}g3_g4_g5_per_token_by_hand {EQ}g4_k3_is_zero_at_reference_and_positive_elsewhere",
+    ),
+    Mutant(
+        "G6 token mean instead of sequence mean",
+        "grpo_vl.py",
+        "(per_seq / mask.sum(1).clamp(min=1)).sum()",
+        "(per_seq / mask.sum().clamp(min=1)).sum()",
+        EQ + "g6_sequence_mean_weights_short_answers_more",
+    ),
+    Mutant(
+        "G5/G6 loss = +J: the update descends the objective",
+        "grpo_vl.py",
+        "loss = -aggregate(L, mask, args.loss_agg) / denom",
+        "loss = aggregate(L, mask, args.loss_agg) / denom",
+        "test_train.py::test_a_policy_step_climbs_the_objective",
+    ),
+    Mutant(
+        "G8 scoring without the temperature",
+        "grpo_vl.py",
+        "logits = out.logits[:, :-1].float() / T",
+        "logits = out.logits[:, :-1].float()",
+        G8,
+    ),
+    Mutant(
+        "G8 sampling at T = 1",
+        "grpo_vl.py",
+        "temperature=args.temperature,",
+        "temperature=1.0,",
+        G8,
+    ),
+    Mutant(
+        "G9 EOS left out of the mask",
+        "grpo_vl.py",
+        "(torch.arange(C)[None] <= first[:, None])",
+        "(torch.arange(C)[None] < first[:, None])",
+        EQ + "g9_mask_up_to_and_including_first_eos",
+    ),
+    # ---- each reward's defining condition
+    Mutant(
+        "R1 any answer counts",
+        "rewards.py",
+        'return float(is_correct(last_tag(text, "answer"), ex))',
+        'return float(last_tag(text, "answer") is not None)',
+        RW + "r1_accuracy",
+    ),
+    Mutant(
+        "R2 text after </answer> allowed",
+        "rewards.py",
+        'and t.endswith("</answer>")\n        and re.search',
+        'and "</answer>" in t\n        and re.search',
+        RW + "r2_format",
+    ),
+    Mutant(
+        "R4 right answer: 1 + alpha*k lost",
+        "rewards.py",
+        "return float(is_correct(pred, ex)) + alpha * k",
+        "return alpha * k",
+        STEP + "r4_step_rar",
+    ),
+    Mutant(
+        "R4 wrong answer: alpha*k lost",
+        "rewards.py",
+        "return float(is_correct(pred, ex)) + alpha * k",
+        "return float(is_correct(pred, ex)) * (1 + alpha * k)",
+        STEP + "r4_step_rar",
+    ),
+    Mutant(
+        "R4 no answer: 0 lost",
+        "rewards.py",
+        "    if pred is None:\n        return 0.0\n",
+        '    if pred is None:\n        pred = ""\n',
+        STEP + "r4_step_rar",
+    ),
+    Mutant(
+        "R4 every section counts, not the steps only",
+        "rewards.py",
+        "zip(parts[2::3], parts[3::3]) if n)",
+        "zip(parts[2::3], parts[3::3]))",
+        STEP + "r4_matches_inside_step_bodies_at_word_boundaries",
+    ),
+    Mutant(
+        "R4 no word boundary on the left",
+        "rewards.py",
+        'left = r"(?<!\\w)" if re.match(r"\\w", f[:1]) else ""',
+        'left = ""',
+        STEP + "r4_word_boundaries_with_a_short_form",
+    ),
+    Mutant(
+        "R5 order ignored",
+        "rewards.py",
+        'kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])',
+        'sorted(kinds) == sorted(["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"]))',
+        STEP + "r5_step_rvr",
+    ),
+    Mutant(
+        "R5 'Let's think step by step.' without a colon not a section",
+        "rewards.py",
+        "Let's think step by step[.:])",
+        "Let's think step by step:)",
+        STEP + "r5_step_rvr",
+    ),
+    Mutant(
+        "R6 repeated tags allowed",
+        "rewards.py",
+        "any(t.count(tag) != 1 for tag in tags)",
+        "any(t.count(tag) < 1 for tag in tags)",
+        VR1 + "r6_hard_formatting_result_reward",
+    ),
+    Mutant(
+        "R6 a wrong answer counts",
+        "rewards.py",
+        ' and is_correct(last_tag(t, "answer"), ex))',
+        ")",
+        VR1 + "r6_hard_formatting_result_reward",
+    ),
+    # ---- resume after a kill
+    # (dcp.load fills the live tensors in place, so the model and reference lines of set_state_dict are
+    # redundant today: the model and reference mutants leave them out of the saved state instead)
+    Mutant(
+        "resume: model weights not saved",
+        "grpo_vl.py",
+        'dcp.save(\n        {"model": model_sd, "optim": optim_sd,',
+        'dcp.save(\n        {"optim": optim_sd,',
+        RESUME,
+    ),
+    Mutant(
+        "resume: optimizer not restored",
+        "grpo_vl.py",
+        'dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])',
+        'dsd.set_model_state_dict(model, state["model"])',
+        RESUME,
+    ),
+    Mutant(
+        "resume: schedule not restored",
+        "grpo_vl.py",
+        'sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])',
+        "pass",
+        RESUME,
+    ),
+    Mutant(
+        "resume: reference model not saved",
+        "grpo_vl.py",
+        'optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})},\n        checkpoint_id',
+        "optim_sd},\n        checkpoint_id",
+        RESUME,
+    ),
+    Mutant(
+        "resume: data order from the process's RNG",
+        "grpo_vl.py",
+        "random.Random(seed + epoch).sample(range(n), n)",
+        "random.sample(range(n), n)",
+        RESUME,
+    ),
+    Mutant(
+        "resume: rollouts not seeded per step",
+        "grpo_vl.py",
+        "torch.manual_seed(\n                seed + start\n            )",
+        "None",
+        RESUME,
+    ),
+    # ---- groups and their prompts (I8)
+    Mutant(
+        "I8 groups expanded with .repeat",
+        "grpo_vl.py",
+        "torch.arange(len(chunk)).repeat_interleave(G)",
+        "torch.arange(len(chunk)).repeat(G)",
+        I8,
+    ),
+    Mutant(
+        "I8 rewards read the wrong row",
+        "grpo_vl.py",
+        "ex_of = [mine[j // G] for j in range(len(texts))]",
+        "ex_of = [mine[j % len(mine)] for j in range(len(texts))]",
+        I8,
+    ),
+    # ---- FSDP
+    Mutant(
+        "FSDP not resharded after the rollout",
+        "grpo_vl.py",
+        "            m.reshard()",
+        "            pass",
+        FSDP,
+    ),
+    Mutant(
+        "FSDP root left gathered by shard()",
+        "grpo_vl.py",
+        "    model.reshard()\n    return model",
+        "    return model",
+        FSDP,
+    ),
+    Mutant(
+        "FSDP rollouts all-gather every token",
+        "grpo_vl.py",
+        "model.set_reshard_after_forward(False)  # recursively",
+        "pass  # recursively",
+        FSDP,
+    ),
+    Mutant(
+        "FSDP ranks share rollout seeds",
+        "grpo_vl.py",
+        "seed=args.seed + 1_000_003 * step + rank * P // world,",
+        "seed=args.seed + 1_000_003 * step,",
+        "test_train.py::test_fsdp_two_ranks_match_one_process",
+    ),
+]
+
+
+def pytest(copy, tests, timeout=1800):
+    """Run the tests in the copy, stopping at the first failure: (passed, the first failure's summary)."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider"]
+    cmd += [f"tests/{t}" for t in tests.split()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout} s"
+    failed = re.findall(r"^(?:FAILED|ERROR) .*$", p.stdout, re.M) or p.stdout.strip().splitlines()[-1:]
+    return p.returncode == 0, (failed[0] if failed else "")[:150]
+
+
+def main(prefixes):
+    chosen = [m for m in MUTANTS if not prefixes or m.label.startswith(tuple(prefixes))]
+    t0, tmp = time.time(), tempfile.mkdtemp(prefix="grpo-vl-mutants-")
+    copy = os.path.join(tmp, "repo")
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__"))
+    results = {}  # label -> caught | survived | not found
+    for m in chosen:
+        if (n := open(os.path.join(copy, m.file)).read().count(m.original)) != 1:
+            results[m.label] = "not found"
+            print(f"NOT FOUND  {m.label}: {n} copies of its snippet in {m.file}")
+    try:
+        found = [m for m in chosen if m.label not in results]
+        passed, why = pytest(copy, " ".join(dict.fromkeys(t for m in found for t in m.tests.split())))
+        if not passed:
+            raise SystemExit(f"the guarding tests fail without any mutant, so nothing can be judged: {why}")
+        print(f"{len(found)} mutants; their tests pass unmutated ({time.time() - t0:.0f} s)", flush=True)
+        for m in found:
+            path, t1 = os.path.join(copy, m.file), time.time()
+            source = open(path).read()
+            open(path, "w").write(source.replace(m.original, m.mutated))
+            try:
+                passed, why = pytest(copy, m.tests)
+            finally:
+                open(path, "w").write(source)
+            results[m.label] = "survived" if passed else "caught"
+            print(f"{results[m.label].upper():9}  {m.label}  ({time.time() - t1:.0f} s)  {why}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    caught = list(results.values()).count("caught")
+    print(
+        f"{caught}/{len(chosen)} caught (kill rate {caught / len(chosen):.0%}), "
+        f"{list(results.values()).count('survived')} survived, {list(results.values()).count('not found')} "
+        f"not found; {(time.time() - t0) / 60:.1f} min"
+    )
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
