@@ -1,7 +1,8 @@
-"""Rewards (RECIPES §R): plain functions reward(text, ex, n_tokens) -> float of the completion (with the <think>
-a P1 prompt opened put back), the data row `ex` (gold `answer`, lettered `choices` if any) and the completion's
-token count; G1 sums them. Model output is hostile input: nothing here raises on any string or runs it as code
-(no eval, no sympy: numbers go through the small parser below), and every scan of it is linear in its length.
+"""Rewards (R1-R7): plain functions reward(text, ex, n_tokens) -> float of the completion (with the <think>
+a P1 prompt opened put back), the data row `ex` (gold `answer`, lettered `choices` if any) and the
+completion's token count; G1 sums them. Model output is hostile input: nothing here raises on any string
+or runs it as code (no eval, no sympy: numbers go through the small parser below), and every scan of it is
+linear in its length.
 """
 
 import math
@@ -28,7 +29,7 @@ NUMBER_WORDS = {
 
 
 def normalize(s):
-    """Strip the wrappers an answer comes in ($..$, \\boxed{}, \\text{}, 'answer:'), case and outer punctuation."""
+    """Strip an answer's wrappers ($..$, \\boxed{}, \\text{}, 'answer:'), its case and outer punctuation."""
     s = s.strip()[:1000].lower()  # an answer, not an essay: bounded work
     for _ in range(3):  # a few layers of wrapping, no more: bounded work on hostile nesting
         s = re.sub(r"^(?:the )?(?:final )?answer(?: is)?\s*[:：]?\s*", "", s).strip()
@@ -56,7 +57,9 @@ def parse_number(s):
     if not s or len(s) > 100:
         return None
     toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)[::-1]  # a stack: next token last
-    peek = lambda: toks[-1] if toks else None
+
+    def peek():
+        return toks[-1] if toks else None
 
     def take(expected=None):
         if not toks or expected not in (None, toks[-1]):
@@ -131,9 +134,9 @@ def accuracy(text, ex, n_tokens=0):
 
 
 def think_answer_format(text, ex=None, n_tokens=0):
-    """R2: 1 if text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) + trailing space. The same
-    language as re.fullmatch of it (quadratic on hostile text), in linear time: the text starts with <think>,
-    ends with </answer>, and between them stands '</think>', optional space, '<answer>'."""
+    """R2: 1 if text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) + trailing space.
+    The same language as re.fullmatch of it (quadratic on hostile text), in linear time: the text starts
+    with <think>, ends with </answer>, and between them stands '</think>', optional space, '<answer>'."""
     t = text.rstrip()
     return float(
         t.startswith("<think>")
