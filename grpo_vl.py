@@ -112,6 +112,7 @@ class Args:
     precision: str = flag("auto", "bf16 | fp32 compute over fp32 master weights; auto: bf16 on GPU")
     gradient_checkpointing: bool = flag(True, "recompute activations in the backward (off for tiny)")
     gen_batch: int = flag(0, "prompts per generate() call (0: all of a rank's; 1: rank-count free)")
+    vision_sharing: bool = flag(True, "each distinct image through the vision tower once, not G times")
     freeze: str = flag("", "'vision' or 'llm': stop their gradients (the r1zero ablations)")
     seed: int = flag(0, "seed of the data order, the tiny model and the rollouts")
     save_every: int = flag(0, "checkpoint every N steps (and at the end of each phase); 0 = at the ends only")
@@ -266,7 +267,8 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
             b = take(encode(processor, chunk, args), groups)  # (P*G, L)
             b["idx"] = torch.arange(start * G, (start + len(chunk)) * G)
             torch.manual_seed(seed + start)  # depends on the prompt's global index only, not the rank count
-            seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
+            with shared_vision(b, args, model):  # the prefill encodes each prompt's image once
+                seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
             b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (P*G, C)
             b["mask"], b["truncated"] = completion_mask(b["completion"], eos)
             batches.append(b)
@@ -379,8 +381,8 @@ def main(argv=None):
         t2 = time.time()
         # ---- 4. reference (G4) and old (G7) log-probs, no grad, in micro-batches
         micro = [mb for b in batches for mb in split(b, args.micro_batch)]
-        with torch.no_grad(), amp:
-            for mb in micro:
+        for mb in micro:
+            with torch.no_grad(), amp, shared_vision(mb, args, ref, model):  # each image encoded once
                 mb["ref"] = None
                 mb["old"] = None  # mu = 1: pi_old is pi_theta itself, detached below; no extra forward (G7)
                 if ref is not None:
@@ -396,7 +398,7 @@ def main(argv=None):
             kl = clip_frac = loss_sum = 0.0
             for mb in micro:
                 mask = mb["mask"].to(device)
-                with amp:
+                with amp, shared_vision(mb, args, model):  # the G copies' gradients sum into one encoding
                     logp = token_logprobs(model, mb, args.temperature, banned, device)  # (n, C)
                 old = logp.detach() if mb["old"] is None else mb["old"]  # G7: rho = 1 at mu = 1
                 A_mb = A[mb["idx"]].to(device)  # the advantages of this micro-batch's completions
@@ -655,6 +657,33 @@ def gathered(model):
     model.train(was_training)
 
 
+@contextlib.contextmanager
+def shared_vision(batch, args, *models):
+    """Each model's vision tower encodes each distinct image of `batch` once, not once per sequence: a
+    group's G sequences hold copies of one image (batch["image_src"] names the copies, I3). The one encoding
+    goes to all G, so autograd sums their G gradients into it and back-propagates the sum through the tower
+    once -- by linearity, the sum of G backward passes: the gradient is exact. Only get_image_features is
+    replaced; the tower is still called as a module, so FSDP2's hooks gather and reshard it (I9)."""
+    src = batch["image_src"].tolist()
+    distinct = list(dict.fromkeys(src))  # in order of first appearance
+    first = [src.index(s) for s in distinct]  # one copy of each
+
+    def encode_distinct(get_image_features, pixel_values, image_grid_thw, **kwargs):
+        pixels = pixel_values.split(image_grid_thw.prod(-1).tolist())  # one block of rows per image
+        out = get_image_features(torch.cat([pixels[i] for i in first]), image_grid_thw[first], **kwargs)
+        out.pooler_output = [out.pooler_output[distinct.index(s)] for s in src]  # copies share one tensor
+        return out
+
+    models = [m for m in models if m is not None] if args.vision_sharing else []
+    for m in models:  # an instance attribute is found before the class's method, by forward and generate
+        m.model.get_image_features = functools.partial(encode_distinct, m.model.get_image_features)
+    try:
+        yield
+    finally:
+        for m in models:
+            del m.model.get_image_features
+
+
 # ============================================================================ engineering: batches (I3)
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -667,8 +696,9 @@ def take(batch, idx):
     pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())  # one per image
     images_of = torch.split(torch.arange(len(pixels)), batch["n_images"].tolist())  # each sequence's images
     images = torch.cat([images_of[i] for i in idx.tolist()])  # (n,) the chosen sequences' images, in order
-    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw", "image_src")}
     out["image_grid_thw"] = batch["image_grid_thw"][images]
+    out["image_src"] = batch["image_src"][images]
     out["pixel_values"] = torch.cat([pixels[i] for i in images.tolist()])
     return out
 
@@ -677,6 +707,7 @@ def encode(processor, exs, args):
     return {
         **data.encode(processor, exs, args.prompt, args.max_pixels),
         "n_images": torch.tensor([len(ex["images"]) for ex in exs]),
+        "image_src": torch.arange(sum(len(ex["images"]) for ex in exs)),  # which image; copies keep it
     }
 
 
@@ -946,7 +977,7 @@ VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"] + VISION_TOKENS  # Qwen2-VL's
 
 
-def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
+def build_tiny(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
     """A random-weight Qwen2-VL or Qwen2.5-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on
     the spot on the prompts and the synthetic task: real processor, real model class, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -998,7 +1029,7 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False):
             rope_parameters=rope,
             **special,
         ),
-        vision_config=vision,
+        vision_config={**vision, **(tower or {})},  # tower: overrides (the bench's vision-heavy model)
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),

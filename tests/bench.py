@@ -5,6 +5,9 @@ metrics.jsonl: seconds per step split into rollout, reward, reference/old log-pr
 tokens per second; peak memory (max RSS). It then times the floor on the same shapes with bare transformers
 -- one generate(), one forward+backward, one no-grad forward (the reference, beta > 0) -- and prints the
 overhead ratio = step time / floor. Figures go to bench.json. Not a test: it asserts nothing.
+
+The vision-heavy model runs twice in one process, with shared_vision and with --no-vision-sharing: the
+speed-up of the step and of its reference/old + update part is `vision_sharing_speedup` in bench.json.
 """
 
 import functools
@@ -24,7 +27,20 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import grpo_vl as g  # noqa: E402
 
-MODELS = {"tiny": dict(hidden=64, layers=2), "small": dict(hidden=256, layers=4)}
+# "vision": small's language model under a vision tower that costs as much per image as the language model
+# per sequence, as on Qwen2-VL-2B (README: 3.3 TFLOP per image against 3.9 per 1,300-token sequence).
+# Forward FLOPs at 2 per weight per token (attention scores add under 10 %), on the synthetic images
+# (54.75 patches of 14 x 14 on average) and sequences of 144 prompt + 64 completion tokens:
+#   tower: 54.75 patches x 11 blocks x 2 x 789,760 weights (e = 256: qkv 3e^2, proj e^2, MLP 2 x 4e^2)
+#          = 0.95 G, + patch embedding (1176 x 256) and merger (1024^2 + 1024 x 256 per 4 patches) = 1.02 G
+#   LM:    208 tokens x 4 layers x 2 x 590,848 weights (q, o 256^2; k, v 256 x 128; MLP 3 x 256 x 512)
+#          = 0.98 G, + lm_head (256 x 512) at the 65 scored positions                         = 1.00 G
+# flops() recounts both from the built model, and the bench prints them.
+MODELS = {
+    "tiny": dict(hidden=64, layers=2),
+    "small": dict(hidden=256, layers=4),
+    "vision": dict(hidden=256, layers=4, tower=dict(depth=11, embed_dim=256, num_heads=4, mlp_ratio=4)),
+}
 STEPS, P, G, NEW = 6, 4, 8, 64
 
 
@@ -51,21 +67,32 @@ def flags(out):
     ]
 
 
-def worker(name, out):
-    """One run of grpo_vl.main on `name`'s model (inside torchrun for 2 processes); prints its peak RSS."""
-    g.build_tiny = functools.partial(g.build_tiny, **MODELS[name])
-    g.main(flags(out))
+def worker(name, out, *more):
+    """One run of grpo_vl.main on `name`'s model (inside torchrun for 2 processes); prints its peak RSS and
+    the images its vision tower encoded per step (policy and reference, counted by a forward hook)."""
+    images, build = [], functools.partial(g.build_tiny, **MODELS[name])
+
+    def build_and_count(*a, **k):  # the reference model is a deep copy: it inherits the hook
+        model, processor = build(*a, **k)
+        model.model.visual.register_forward_hook(
+            lambda module, args, kw, output: images.append(len(kw["grid_thw"])), with_kwargs=True
+        )
+        return model, processor
+
+    g.build_tiny = build_and_count
+    g.main(flags(out) + list(more))
     if int(os.environ.get("RANK", 0)) == 0:
         print("MAXRSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print("TOWER_IMAGES", sum(images) / STEPS)
 
 
-def run(name, procs):
+def run(name, procs, *more):
     out = tempfile.mkdtemp(prefix=f"bench-{name}-{procs}-")
     launcher = [sys.executable] + (
         ["-m", "torch.distributed.run", f"--nproc_per_node={procs}"] if procs > 1 else []
     )
     p = subprocess.run(
-        launcher + [__file__, "--worker", name, out],
+        launcher + [__file__, "--worker", name, out, *more],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -84,7 +111,24 @@ def run(name, procs):
         "peak_rss_mb": rss,
         "tokens_per_s": mean("completion_len") * P * G / mean("time/rollout"),
         "completion_len": mean("completion_len"),
+        "tower_images_per_step": float(p.stdout.split("TOWER_IMAGES")[1].split()[0]),
     }
+
+
+def weights(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def flops(name):
+    """Forward FLOPs at 2 per weight per token, in G: (the tower per image, the language model per sequence)."""
+    model, processor = g.build_tiny(0, **MODELS[name])
+    b = g.encode(processor, data.load_examples("synthetic:64", "train"), g.parse_args(["--model", "tiny"]))
+    patches = b["image_grid_thw"].prod(-1).float().mean().item()  # per image, before the 2 x 2 merge
+    tokens = b["attention_mask"].sum(1).float().mean().item() + NEW  # prompt + completion
+    v = model.model.visual
+    tower = 2 * patches * (weights(v.patch_embed, v.blocks) + weights(v.merger) / 4)
+    lm = 2 * tokens * weights(model.model.language_model.layers) + 2 * (NEW + 1) * weights(model.lm_head)
+    return tower / 1e9, lm / 1e9
 
 
 def floor(name):
@@ -199,18 +243,24 @@ def measure_scoring_memory():
 
 def main():
     peaks = measure_scoring_memory()
-    print("scoring forward + backward, 8 x 256 completion tokens, vocabulary 151,936, peak MB above start:")
-    print(
-        f"  (N, C, V) fp32 logits at once: {peaks['full']:.0f}   in 1,024-token chunks: {peaks['chunked']:.0f}"
-    )
+    print("scoring forward + backward at vocabulary 151,936, peak MB above start (4 completions x C tokens):")
+    for C in (128, 512):
+        full, chunked = peaks[f"full 4x{C}"], peaks[f"chunked 4x{C}"]
+        print(
+            f"  C = {C}: (N, C, V) fp32 logits at once {full:.0f}, in {g.LOGPROB_CHUNK}-token chunks {chunked:.0f}"
+        )
     results = {"scoring_peak_mb": peaks}
     for name in MODELS:
-        base = floor(name)
-        for procs in (1, 2):
-            r = run(name, procs)
+        base = floor(name)  # bare transformers: every copy of an image through the tower
+        runs = [(1, ()), (1, ("--no-vision-sharing",))] if name == "vision" else [(1, ()), (2, ())]
+        for procs, more in runs:
+            r = run(name, procs, *more)
             r["floor"] = base["generate"] + base["fwd_bwd"] + base["fwd"]
             r["overhead_ratio"] = r["step"] / r["floor"]
-            results[f"{name} x{procs}"] = {**r, **{f"floor/{k}": v for k, v in base.items()}}
+            results[f"{name} x{procs}" + (" no sharing" if more else "")] = {
+                **r,
+                **{f"floor/{k}": v for k, v in base.items()},
+            }
     cols = [
         "step",
         "rollout",
@@ -221,18 +271,34 @@ def main():
         "peak_rss_mb",
         "floor",
         "overhead_ratio",
+        "tower_images_per_step",
     ]
     print(f"\nGRPO step on CPU, G = {G}, {P} prompts, {NEW} new tokens (seconds unless named)")
-    print(f"{'run':<10}" + "".join(f"{c:>15}" for c in cols))
+    print(f"{'run':<22}" + "".join(f"{c:>15}" for c in cols))
     for run_name, r in results.items():
-        print(f"{run_name:<10}" + "".join(f"{r[c]:>15.3f}" for c in cols))
+        print(f"{run_name:<22}" + "".join(f"{r[c]:>15.3f}" for c in cols))
+    shared, plain = results["vision x1"], results["vision x1 no sharing"]
+    speedup = {
+        "step": plain["step"] / shared["step"],
+        "ref_old_update": (plain["ref_old"] + plain["update"]) / (shared["ref_old"] + shared["update"]),
+        "rollout": plain["rollout"] / shared["rollout"],
+    }
+    tower, lm = flops("vision")
+    print(
+        f"\nvision sharing on the vision-heavy model (tower {tower:.2f} GFLOP per image, language model "
+        f"{lm:.2f} GFLOP per sequence): step {speedup['step']:.2f}x faster, reference/old + update "
+        f"{speedup['ref_old_update']:.2f}x, rollout {speedup['rollout']:.2f}x; tower images per step "
+        f"{plain['tower_images_per_step']:.0f} -> {shared['tower_images_per_step']:.0f}"
+    )
+    results["vision_sharing_speedup"] = speedup
+    results["vision_flops_g"] = {"tower_per_image": tower, "lm_per_sequence": lm}
     json.dump(results, open(os.path.join(ROOT, "bench.json"), "w"), indent=1)
     print("written to bench.json")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], sys.argv[3])
+        worker(*sys.argv[2:])
     elif sys.argv[1:2] == ["--scoring-memory"]:
         scoring_memory(sys.argv[2], int(sys.argv[3]))
     else:
