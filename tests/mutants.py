@@ -35,6 +35,13 @@ FSDP = (
     "test_train.py::test_fsdp_rollouts_gather_once_and_match_unsharded "
     "test_train.py::test_fsdp_two_ranks_match_one_process"
 )
+VS = (  # fastest first: pytest stops at the first failure
+    "test_vision_sharing.py::test_sharing_changes_no_completion_log_prob_or_gradient "
+    "test_vision_sharing.py::test_the_vision_tower_sees_each_distinct_image_once_per_pass "
+    "test_vision_sharing.py::test_two_fsdp_ranks"
+)
+MEM = "test_memory.py::test_"
+BF16 = f"{MEM}bf16_logprobs_agree_with_fp32 {MEM}bf16_run_trains_with_fp32_master_weights"
 
 MUTANTS = [
     # ---- the GRPO equations
@@ -76,8 +83,8 @@ MUTANTS = [
     Mutant(
         "G5 clip range",
         "grpo_vl.py",
-        "ratio.clamp(1 - eps, 1 + eps)",
-        "ratio.clamp(1 - eps, 1 + 2 * eps)",
+        "ratio.clamp(1 - args.eps, 1 + args.eps)",
+        "ratio.clamp(1 - args.eps, 1 + 2 * args.eps)",
         EQ + "g3_g4_g5_per_token_by_hand",
     ),
     Mutant(
@@ -97,15 +104,15 @@ MUTANTS = [
     Mutant(
         "G5/G6 loss = +J: the update descends the objective",
         "grpo_vl.py",
-        "loss = -aggregate(L, mask, args.loss_agg) / denom",
-        "loss = aggregate(L, mask, args.loss_agg) / denom",
+        "loss = -(per_seq / mask.sum(1).clamp(min=1)).sum() / n_completions",
+        "loss = (per_seq / mask.sum(1).clamp(min=1)).sum() / n_completions",
         "test_train.py::test_a_policy_step_climbs_the_objective",
     ),
     Mutant(
         "G8 scoring without the temperature",
         "grpo_vl.py",
-        "logits = out.logits[:, :-1].float() / T",
-        "logits = out.logits[:, :-1].float()",
+        "logits = lm_head(h).float() / T",
+        "logits = lm_head(h).float()",
         G8,
     ),
     Mutant(
@@ -206,8 +213,8 @@ MUTANTS = [
     Mutant(
         "resume: model weights not saved",
         "grpo_vl.py",
-        'dcp.save(\n        {"model": model_sd, "optim": optim_sd,',
-        'dcp.save(\n        {"optim": optim_sd,',
+        'train_state = {"model": model_sd, "optim": optim_sd}',
+        'train_state = {"optim": optim_sd}',
         RESUME,
     ),
     Mutant(
@@ -227,8 +234,8 @@ MUTANTS = [
     Mutant(
         "resume: reference model not saved",
         "grpo_vl.py",
-        'optim_sd, **({"ref": dsd.get_model_state_dict(ref)} if ref else {})},\n        checkpoint_id',
-        "optim_sd},\n        checkpoint_id",
+        'train_state["ref"] = dsd.get_model_state_dict(ref)',
+        "pass",
         RESUME,
     ),
     Mutant(
@@ -241,7 +248,7 @@ MUTANTS = [
     Mutant(
         "resume: rollouts not seeded per step",
         "grpo_vl.py",
-        "torch.manual_seed(\n                seed + start\n            )",
+        "torch.manual_seed(seed + start)",
         "None",
         RESUME,
     ),
@@ -264,8 +271,8 @@ MUTANTS = [
     Mutant(
         "FSDP not resharded after the rollout",
         "grpo_vl.py",
-        "            m.reshard()",
-        "            pass",
+        "                m.reshard()",
+        "                pass",
         FSDP,
     ),
     Mutant(
@@ -285,9 +292,105 @@ MUTANTS = [
     Mutant(
         "FSDP ranks share rollout seeds",
         "grpo_vl.py",
-        "seed=args.seed + 1_000_003 * step + rank * P // world,",
-        "seed=args.seed + 1_000_003 * step,",
+        "seed = args.seed + 1_000_003 * step + rank * P // world",
+        "seed = args.seed + 1_000_003 * step",
         "test_train.py::test_fsdp_two_ranks_match_one_process",
+    ),
+    # ---- the loss's masking and metrics
+    Mutant(
+        "G6 padding multiplied by the mask (0 * inf = nan)",
+        "grpo_vl.py",
+        "per_seq = torch.where(mask.bool(), L, 0.0).sum(1)",
+        "per_seq = (L * mask).sum(1)",
+        EQ + "g6_sequence_mean_weights_short_answers_more",
+    ),
+    Mutant(
+        "G5 clip_frac counts every ratio outside the range, whatever A's sign",
+        "grpo_vl.py",
+        "clipped = ((ratio > 1 + args.eps) & (A[:, None] > 0)) | ((ratio < 1 - args.eps) & (A[:, None] < 0))",
+        "clipped = (ratio > 1 + args.eps) | (ratio < 1 - args.eps)",
+        EQ + "g3_g4_g5_per_token_by_hand",
+    ),
+    # ---- batches (I3) and PTST
+    Mutant(
+        "I3 pixel rows cut in equal blocks, not per image",
+        "grpo_vl.py",
+        'pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())',
+        'pixels = torch.chunk(batch["pixel_values"], len(batch["image_grid_thw"]))',
+        "test_model.py::test_i3_take_slices_pixel_values_per_sample",
+    ),
+    Mutant(
+        "PTST a stage's last step run under the next stage",
+        "grpo_vl.py",
+        "stage = bisect.bisect_left(ends, step)",
+        "stage = bisect.bisect_right(ends, step)",
+        VR1 + "vision_r1_cold_start_then_two_ptst_stages",
+    ),
+    # ---- vision sharing
+    Mutant(
+        "vision sharing: every copy encoded (no de-duplication)",
+        "grpo_vl.py",
+        "distinct = list(dict.fromkeys(src))",
+        "distinct = src",
+        VS,
+    ),
+    Mutant(
+        "vision sharing: the first sequences' images, not each distinct image's first copy",
+        "grpo_vl.py",
+        "first = [src.index(s) for s in distinct]",
+        "first = list(range(len(distinct)))",
+        VS,
+    ),
+    # ---- memory: bf16, gradient checkpointing, resharding
+    Mutant(
+        "bf16: --precision bf16 ignored off GPU",
+        "grpo_vl.py",
+        'return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")',
+        'return args.precision == "auto" and device.type == "cuda"',
+        BF16,
+    ),
+    Mutant(
+        "bf16: FSDP computes in fp32",
+        "grpo_vl.py",
+        "MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16",
+        "MixedPrecisionPolicy(torch.float32, torch.float32) if bf16",
+        BF16,
+    ),
+    Mutant(
+        "bf16: FSDP reduces gradients in bf16",
+        "grpo_vl.py",
+        "MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16",
+        "MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16) if bf16",
+        BF16,
+    ),
+    Mutant(
+        "bf16: one process without autocast",
+        "grpo_vl.py",
+        "amp = torch.autocast(device.type, torch.bfloat16) if bf16_autocast else contextlib.nullcontext()",
+        "amp = contextlib.nullcontext()",
+        BF16,
+    ),
+    Mutant(
+        "gradient checkpointing never enabled",
+        "grpo_vl.py",
+        'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})',
+        "pass",
+        f"{MEM}gradient_checkpointing_gives_the_same_gradients "
+        f"{MEM}fsdp_checkpointed_gradients_and_reference_resharding",
+    ),
+    Mutant(
+        "generate() in training mode (checkpointing turns the KV cache off)",
+        "grpo_vl.py",
+        "    model.eval()\n    sharded",
+        "    sharded",
+        MEM + "generation_is_unchanged_by_gradient_checkpointing",
+    ),
+    Mutant(
+        "FSDP reference left gathered after a no-grad forward",
+        "grpo_vl.py",
+        "model.reshard()  # no backward follows",
+        "pass  # no backward follows",
+        MEM + "fsdp_checkpointed_gradients_and_reference_resharding",
     ),
 ]
 

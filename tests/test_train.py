@@ -144,7 +144,7 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
         return rollouts[-1][1]
 
     def recording_logprobs(model, b, *rest):
-        scored.append({k: b[k] for k in (*g.MODEL_KEYS, "n_images", "completion")})
+        scored.append({k: b[k] for k in (*g.MODEL_KEYS, "n_images", "image_src", "completion")})
         return real_logprobs(model, b, *rest)
 
     def row_reward(text, ex, n_tokens=0):  # depends on the data row only
