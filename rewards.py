@@ -18,14 +18,11 @@ def last_tag(text, tag):
 
 
 # --------------------------------------------------------------------------- answer equality (R1)
-NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven "
-        "twelve thirteen fourteen fifteen sixteen seventeen eighteen "
-        "nineteen twenty".split()
-    )
-}
+COUNTS = (  # number words read as numbers: "three" for small counts
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+).split()
+NUMBER_WORDS = {w: i for i, w in enumerate(COUNTS)}
 
 
 def normalize(s):
@@ -173,10 +170,9 @@ def occurs(form, steps):
 
 
 def step_accuracy(text, ex, n_tokens=0, alpha=0.1):
-    """R4 StepRAR: k = |key steps matched| / |key steps|, a key step matching if one of its forms occurs in
-    the body of a '### Step N:' section (not the description, rationale or answer), case-insensitive,
-    whitespace runs as one space. r = 1 + alpha*k if the final answer is right, alpha*k if an answer is given
-    but wrong, 0 if there is no answer (the paper's three cases)."""
+    """R4 StepRAR: k = |key steps matched| / |key steps|, a key step matching if one of its forms occurs in a
+    '### Step N:' body (not the description, rationale or answer). r = 1 + alpha*k if the final answer is
+    right, alpha*k if an answer is given but wrong, 0 if there is no answer (the paper's three cases)."""
     pred = step_answer(text)
     if pred is None:
         return 0.0
