@@ -382,7 +382,7 @@ def main(argv=None):
         # ---- 4. reference (G4) and old (G7) log-probs, no grad, in micro-batches
         micro = [mb for b in batches for mb in split(b, args.micro_batch)]
         for mb in micro:
-            with torch.no_grad(), amp, shared_vision(mb, args, ref, model):  # each image encoded once
+            with torch.no_grad(), amp, shared_vision(mb, stage_args, ref, model):  # each image encoded once
                 mb["ref"] = None
                 mb["old"] = None  # mu = 1: pi_old is pi_theta itself, detached below; no extra forward (G7)
                 if ref is not None:
@@ -398,7 +398,7 @@ def main(argv=None):
             kl = clip_frac = loss_sum = 0.0
             for mb in micro:
                 mask = mb["mask"].to(device)
-                with amp, shared_vision(mb, args, model):  # the G copies' gradients sum into one encoding
+                with amp, shared_vision(mb, stage_args, model):  # G copies' gradients sum into one encoding
                     logp = token_logprobs(model, mb, args.temperature, banned, device)  # (n, C)
                 old = logp.detach() if mb["old"] is None else mb["old"]  # G7: rho = 1 at mu = 1
                 A_mb = A[mb["idx"]].to(device)  # the advantages of this micro-batch's completions

@@ -6,8 +6,9 @@ tokens per second; peak memory (max RSS). It then times the floor on the same sh
 -- one generate(), one forward+backward, one no-grad forward (the reference, beta > 0) -- and prints the
 overhead ratio = step time / floor. Figures go to bench.json. Not a test: it asserts nothing.
 
-The vision-heavy model runs twice in one process, with shared_vision and with --no-vision-sharing: the
-speed-up of the step and of its reference/old + update part is `vision_sharing_speedup` in bench.json.
+The vision-heavy model runs in one process with vision sharing at odd steps and --no-vision-sharing at even
+ones (both under the same load of this shared machine): the speed-up of the step and of its reference/old
++ update part is `vision_sharing_speedup` in bench.json.
 """
 
 import functools
@@ -42,6 +43,7 @@ MODELS = {
     "vision": dict(hidden=256, layers=4, tower=dict(depth=11, embed_dim=256, num_heads=4, mlp_ratio=4)),
 }
 STEPS, P, G, NEW = 6, 4, 8, 64
+ALTERNATE_STEPS = 8  # the vision-heavy run: 2 warm-up steps, then 3 shared and 3 plain ones in turn
 
 
 def flags(out):
@@ -67,32 +69,45 @@ def flags(out):
     ]
 
 
-def worker(name, out, *more):
+def worker(name, out, alternate=""):
     """One run of grpo_vl.main on `name`'s model (inside torchrun for 2 processes); prints its peak RSS and
-    the images its vision tower encoded per step (policy and reference, counted by a forward hook)."""
-    images, build = [], functools.partial(g.build_tiny, **MODELS[name])
+    the images its vision tower encoded at each step (policy and reference, counted by a forward hook).
+    alternate: vision sharing at odd steps, --no-vision-sharing at even ones, so that both see the same
+    load of this shared machine."""
+    images = []  # per step
+    build = functools.partial(g.build_tiny, **MODELS[name])
+    rollout = g.rollout
+
+    def count(module, args, kwargs, output):
+        images[-1] += len(kwargs["grid_thw"])
 
     def build_and_count(*a, **k):  # the reference model is a deep copy: it inherits the hook
         model, processor = build(*a, **k)
-        model.model.visual.register_forward_hook(
-            lambda module, args, kw, output: images.append(len(kw["grid_thw"])), with_kwargs=True
-        )
+        model.model.visual.register_forward_hook(count, with_kwargs=True)
         return model, processor
 
+    def rollout_and_alternate(model, processor, exs, args, *rest, **kw):  # each step starts here
+        images.append(0)
+        args.vision_sharing = not (bool(alternate) and len(images) % 2 == 0)
+        return rollout(model, processor, exs, args, *rest, **kw)
+
     g.build_tiny = build_and_count
-    g.main(flags(out) + list(more))
+    g.rollout = rollout_and_alternate
+    g.main(flags(out) + (["--max-steps", str(ALTERNATE_STEPS)] if alternate else []))
     if int(os.environ.get("RANK", 0)) == 0:
         print("MAXRSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        print("TOWER_IMAGES", sum(images) / STEPS)
+        print("TOWER_IMAGES", json.dumps(images))
 
 
-def run(name, procs, *more):
+def run(name, procs, alternate=False):
+    """Means over the steps after the first (it warms up); alternate: (shared steps 3, 5, ...; plain
+    steps 4, 6, ...), step 2 warming the plain path up."""
     out = tempfile.mkdtemp(prefix=f"bench-{name}-{procs}-")
     launcher = [sys.executable] + (
         ["-m", "torch.distributed.run", f"--nproc_per_node={procs}"] if procs > 1 else []
     )
     p = subprocess.run(
-        launcher + [__file__, "--worker", name, out, *more],
+        launcher + [__file__, "--worker", name, out] + (["alternate"] if alternate else []),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -100,18 +115,28 @@ def run(name, procs, *more):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     rss = float(p.stdout.split("MAXRSS_MB")[1].split()[0])
-    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][1:]  # step 1 warms up
-    mean = lambda k: sum(r[k] for r in rows) / len(rows)
+    images = json.loads(p.stdout.split("TOWER_IMAGES")[1].splitlines()[0])
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    if alternate:
+        return summary(rows[2::2], images[2::2], rss), summary(rows[3::2], images[3::2], rss)
+    return summary(rows[1:], images[1:], rss)
+
+
+def summary(rows, images, rss):
+    """Means over the timed steps' metrics.jsonl rows, with the peak RSS and the tower's images per step."""
+    keys = ("step_time", "time/rollout", "time/reward", "time/ref_old", "time/update", "completion_len")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {
-        "step": mean("step_time"),
-        "rollout": mean("time/rollout"),
-        "reward": mean("time/reward"),
-        "ref_old": mean("time/ref_old"),
-        "update": mean("time/update"),
+        "step": mean["step_time"],
+        "rollout": mean["time/rollout"],
+        "reward": mean["time/reward"],
+        "ref_old": mean["time/ref_old"],
+        "update": mean["time/update"],
         "peak_rss_mb": rss,
-        "tokens_per_s": mean("completion_len") * P * G / mean("time/rollout"),
-        "completion_len": mean("completion_len"),
-        "tower_images_per_step": float(p.stdout.split("TOWER_IMAGES")[1].split()[0]),
+        "tokens_per_s": mean["completion_len"] * P * G / mean["time/rollout"],
+        "completion_len": mean["completion_len"],
+        "tower_images_per_step": sum(images) / len(images),
+        "steps_timed": len(rows),
     }
 
 
@@ -252,15 +277,14 @@ def main():
     results = {"scoring_peak_mb": peaks}
     for name in MODELS:
         base = floor(name)  # bare transformers: every copy of an image through the tower
-        runs = [(1, ()), (1, ("--no-vision-sharing",))] if name == "vision" else [(1, ()), (2, ())]
-        for procs, more in runs:
-            r = run(name, procs, *more)
+        if name == "vision":  # one process, sharing and not in alternate steps
+            runs = dict(zip(["vision x1", "vision x1 no sharing"], run(name, 1, alternate=True)))
+        else:
+            runs = {f"{name} x{procs}": run(name, procs) for procs in (1, 2)}
+        for run_name, r in runs.items():
             r["floor"] = base["generate"] + base["fwd_bwd"] + base["fwd"]
             r["overhead_ratio"] = r["step"] / r["floor"]
-            results[f"{name} x{procs}" + (" no sharing" if more else "")] = {
-                **r,
-                **{f"floor/{k}": v for k, v in base.items()},
-            }
+            results[run_name] = {**r, **{f"floor/{k}": v for k, v in base.items()}}
     cols = [
         "step",
         "rollout",
@@ -274,9 +298,10 @@ def main():
         "tower_images_per_step",
     ]
     print(f"\nGRPO step on CPU, G = {G}, {P} prompts, {NEW} new tokens (seconds unless named)")
-    print(f"{'run':<22}" + "".join(f"{c:>15}" for c in cols))
+    width = [max(15, len(c) + 2) for c in cols]
+    print(f"{'run':<22}" + "".join(f"{c:>{w}}" for c, w in zip(cols, width)))
     for run_name, r in results.items():
-        print(f"{run_name:<22}" + "".join(f"{r[c]:>15.3f}" for c in cols))
+        print(f"{run_name:<22}" + "".join(f"{r[c]:>{w}.3f}" for c, w in zip(cols, width)))
     shared, plain = results["vision x1"], results["vision x1 no sharing"]
     speedup = {
         "step": plain["step"] / shared["step"],
