@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 from qwen_vl_utils import fetch_image
 
+from rewards import FINAL  # "### The final answer is:", P3's last section, read by R4 and R5
+
 # --------------------------------------------------------------------------- prompts (P1, P2)
 # P1: the base model has no chat template, so the string is built by hand. Note the space before
 # "\nAssistant:" and the opened <think>: the completion continues the reasoning (R2 puts it back).
@@ -36,7 +38,6 @@ P3 = (
     "numbered steps '### Step 1:', '### Step 2:', ..., and end with '### The final answer is:' and the "
     "answer.\n\n"
 )
-FINAL = "### The final answer is:"
 PROMPT_STYLES = ("base", "instruct", "step", "plain")  # P1, P2, P3, P4 (Vision-R1: the question alone)
 
 
