@@ -410,6 +410,8 @@ def pytest(copy, tests, timeout=1800):
 
 def main(prefixes):
     chosen = [m for m in MUTANTS if not prefixes or m.label.startswith(tuple(prefixes))]
+    if not chosen:
+        raise SystemExit(f"no mutant's label starts with {' or '.join(map(repr, prefixes))}")
     t0, tmp = time.time(), tempfile.mkdtemp(prefix="grpo-vl-mutants-")
     copy = os.path.join(tmp, "repo")
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__"))
@@ -446,4 +448,6 @@ def main(prefixes):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
     sys.exit(main(sys.argv[1:]))
