@@ -90,7 +90,17 @@ def test_bf16_logprobs_agree_with_fp32(tiny, examples):
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_bf16_run_trains_with_fp32_master_weights(tmp_path, ranks):
     out = str(tmp_path / "bf16")
-    flags = ["grpo_vl.py", "--model", "tiny", "--data", "synthetic:32", "--precision", "bf16", "--max-steps", "3"]
+    flags = [
+        "grpo_vl.py",
+        "--model",
+        "tiny",
+        "--data",
+        "synthetic:32",
+        "--precision",
+        "bf16",
+        "--max-steps",
+        "3",
+    ]
     flags += ["--length-bonus", "0.01", "--lr", "1e-3", "--max-new-tokens", "32", "--out", out]
     run([*TORCHRUN, *flags] if ranks == 2 else [sys.executable, *flags])
     steps = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -141,10 +151,17 @@ QWEN25_VL_7B = tf.Qwen2_5_VLConfig(  # Qwen/Qwen2.5-VL-7B-Instruct
     tie_word_embeddings=False,
 )
 MODELS = {  # parameters (checked below), width, layers, K/V width per layer, vocabulary, tied lm_head
-    "Qwen2-VL-2B": dict(params=2_208_985_600, hidden=1536, layers=28, kv_width=2 * 128, vocab=151_936, tied=True),
-    "Qwen2.5-VL-7B": dict(params=8_292_166_656, hidden=3584, layers=28, kv_width=4 * 128, vocab=152_064, tied=False),
+    "Qwen2-VL-2B": dict(
+        params=2_208_985_600, hidden=1536, layers=28, kv_width=2 * 128, vocab=151_936, tied=True
+    ),
+    "Qwen2.5-VL-7B": dict(
+        params=8_292_166_656, hidden=3584, layers=28, kv_width=4 * 128, vocab=152_064, tied=False
+    ),
 }
-IMAGE_TOKENS, PATCHES = 512, 2048  # max_pixels ~401,408: 2,048 patches of 14 x 14, 512 tokens after the 2x2 merge
+IMAGE_TOKENS, PATCHES = (
+    512,
+    2048,
+)  # max_pixels ~401,408: 2,048 patches of 14 x 14, 512 tokens after the 2x2 merge
 TEXT_TOKENS = 150  # the prompt's text: template, instructions, question
 VIT_WIDTH, VIT_LAYERS = 1280, 32  # both vision towers
 
@@ -182,7 +199,9 @@ RUNS = {  # README row -> (model, sequences per rank, new tokens, micro-batch, g
 
 @pytest.mark.parametrize("name,config", [("Qwen2-VL-2B", QWEN2_VL_2B), ("Qwen2.5-VL-7B", QWEN25_VL_7B)])
 def test_parameter_counts_of_the_real_architectures(name, config):
-    cls = tf.Qwen2VLForConditionalGeneration if name == "Qwen2-VL-2B" else tf.Qwen2_5_VLForConditionalGeneration
+    cls = (
+        tf.Qwen2VLForConditionalGeneration if name == "Qwen2-VL-2B" else tf.Qwen2_5_VLForConditionalGeneration
+    )
     with torch.device("meta"):  # the real shapes, no memory
         model = cls(config)
     assert sum(p.numel() for p in model.parameters()) == MODELS[name]["params"]
@@ -199,8 +218,22 @@ def test_readme_memory_table_is_the_arithmetic_and_every_run_fits_80_gb():
         assert row in readme, f"README memory table is out of date; expected:\n{row}"
         assert gb < 80, name
     # the variant defaults the table assumes
-    assert re.search(r'"vision-r1": dict\((.|\n)*?micro_batch=2', open(os.path.join(ROOT, "grpo_vl.py")).read())
+    assert re.search(
+        r'"vision-r1": dict\((.|\n)*?micro_batch=2', open(os.path.join(ROOT, "grpo_vl.py")).read()
+    )
     assert g.parse_args(["--variant", "vision-r1", "--data", "x", "--sft-data", "y"]).micro_batch == 2
     assert g.parse_args(["--variant", "r1zero"]).micro_batch == 8
     step = g.parse_args(["--variant", "stepgrpo", "--data", "x", "--sft-data", "y"])
     assert (step.prompts_per_step, step.sft_batch, step.micro_batch, step.num_generations) == (4, 128, 8, 4)
+
+
+def test_the_precision_and_checkpointing_flags_reach_the_model():
+    """--precision bf16 turns bf16 on (on CPU too), auto leaves CPU in fp32; --gradient-checkpointing is
+    switched on by prepare_models itself (the tests above switch it on by hand)."""
+    assert g.use_bf16(g.parse_args(["--model", "tiny", "--precision", "bf16"]), CPU)
+    assert not g.use_bf16(g.parse_args(["--model", "tiny"]), CPU)
+    on = g.parse_args(["--model", "tiny", "--gradient-checkpointing"])
+    model, ref, *_ = g.prepare_models(on, CPU, None)
+    assert model.is_gradient_checkpointing and model.training and not ref.training
+    off, *_ = g.prepare_models(g.parse_args(["--model", "tiny"]), CPU, None)
+    assert not off.is_gradient_checkpointing
