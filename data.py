@@ -33,17 +33,15 @@ P2 = "  Output the thinking process in <think> </think> and final answer (option
 # P3 (StepGRPO): instructions for the step-wise sections, then the question.
 P3 = (
     "Solve the question about the image step by step. First describe the image under "
-    "'### Image Description:', "
-    "then give the rationale under '### Rationales:', then write '### Let's think step by step.' and the "
-    "numbered steps '### Step 1:', '### Step 2:', ..., and end with '### The final answer is:' and the "
-    "answer.\n\n"
+    "'### Image Description:', then give the rationale under '### Rationales:', then write "
+    "'### Let's think step by step.' and the numbered steps '### Step 1:', '### Step 2:', ..., and end with "
+    "'### The final answer is:' and the answer.\n\n"
 )
 PROMPT_STYLES = ("base", "instruct", "step", "plain")  # P1, P2, P3, P4 (Vision-R1: the question alone)
 
 
 def prompt_text(ex, style, processor):
-    """The prompt string for one example; one <|image_pad|> per image, which the processor expands.
-    Rows from chat SFT data keep their own user turn ("plain")."""
+    """One <|image_pad|> per image (the processor expands it); a chat SFT row's user turn is sent as is."""
     if style == "base":
         return P1.format(question=ex["question"])
     style = "plain" if ex.get("target") else style
@@ -62,24 +60,19 @@ def open_image(img):
 
 
 def encode(processor, examples, style, max_pixels):
-    """Left-padded processor batch for a list of examples (I2). Images are fetched and resized by
-    qwen-vl-utils to a multiple of patch * merge with at most max_pixels."""
-    patch = processor.image_processor.patch_size
-    images = [
-        fetch_image(
-            {"image": open_image(im), "min_pixels": 3136, "max_pixels": max_pixels}, image_patch_size=patch
-        )
-        for ex in examples
-        for im in ex["images"]
-    ]
+    """Left-padded batch (I2); qwen-vl-utils sizes each image to multiples of patch * merge, <= max_pixels."""
+    images = []
+    for ex in examples:
+        for im in ex["images"]:
+            image = {"image": open_image(im), "min_pixels": 3136, "max_pixels": max_pixels}
+            images.append(fetch_image(image, image_patch_size=processor.image_processor.patch_size))
     texts = [prompt_text(ex, style, processor) for ex in examples]
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
 def sft_target(ex, style):
-    """What SFT teaches the model to write after the prompt: a chat row's assistant turn, or the row's
-    solution (P3 sections, or free text, which gets a final-answer line) -- as it is for P3, rewritten as
-    <think>...</think><answer>...</answer> for the other prompts (P1 has already opened the <think>)."""
+    """What SFT teaches: a chat row's reply, or the solution (free text gets a final-answer line) -- as it is
+    for P3, as <think>...</think><answer>...</answer> for the others (P1 has opened the <think>)."""
     if ex.get("target"):
         return ex["target"]
     solution = ex["solution"] if FINAL in ex["solution"] else f"{ex['solution']}\n{FINAL} {ex['answer']}"
@@ -95,9 +88,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class BadRow(ValueError):
-    def __init__(self, name, i, column, why):  # `reason`, the column and why without details, counts skips
+    def __init__(self, name, i, column, why):
         super().__init__(f"data set {name!r}, row {i}, column {column!r}: {why}")
-        self.reason = f"{column}: {why.split(' (')[0]}"
+        self.reason = f"{column}: {why.split(' (')[0]}"  # what --skip-bad counts: no details in parentheses
 
 
 def check_images(ex, i, name):
@@ -105,14 +98,13 @@ def check_images(ex, i, name):
     for im in ex["images"]:
         try:  # bytes are opened by open_image, paths here; a PIL image is open already; URLs are left to load
             if isinstance(im := open_image(im), str) and not im.startswith(("http://", "https://", "data:")):
-                Image.open(im.removeprefix("file://")).close()  # its header parsed, or it raised
-        except Exception as e:  # noqa: BLE001 -- any failure to read it is this row's fault
+                Image.open(im.removeprefix("file://")).close()
+        except Exception as e:  # any failure to read it is this row's fault
             raise BadRow(name, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def row_images(row, i, name):
-    """The row's images: a relative path is relative to the data file's folder; absolute paths, URLs (http:,
-    file:, data:), bytes and PIL images pass as they are."""
+    """The row's images; a relative path (no http:, file:, data:) starts at the data file's folder."""
     for col in ("images", "image", "image_path"):
         if row.get(col):
             images = row[col] if isinstance(row[col], list) else [row[col]]
@@ -139,10 +131,9 @@ def key_steps(row):
 
 
 def from_plain(row, i, name):
-    """Plain rows, and CV-Bench, step-wise CoT and math RL rows, which are plain rows with more columns: an
-    image, a question (the first of prompt, question, problem), the gold `answer` (step-wise rows: the line
-    after the solution's final-answer header), optional `choices` (the answer may be an option or its
-    letter; the question lists them as CV-Bench does unless it already does), `solution` and `key_steps`."""
+    """Plain rows (CV-Bench, step-wise CoT and math RL rows are plain rows with more columns): an image, a
+    question (prompt, question or problem), the gold `answer` (or the line after a solution's FINAL),
+    optional `choices` (the answer may be an option or its letter), `solution` and `key_steps`."""
     images = row_images(row, i, name)
     column = next((c for c in ("prompt", "question", "problem") if row.get(c)), None)
     if column is None:
@@ -152,7 +143,8 @@ def from_plain(row, i, name):
     answer = row.get("answer")
     if answer is None and FINAL in (solution or ""):  # step-wise CoT rows
         answer = solution.rpartition(FINAL)[2].strip().partition("\n")[0]
-    if not (answer := str(answer if answer is not None else "").strip()):
+    answer = "" if answer is None else str(answer).strip()
+    if not answer:
         raise BadRow(name, i, "answer", f"no answer (nor a '{FINAL}' line in a solution)")
     choices = [str(c) for c in row.get("choices") or []] or None
     if choices and answer not in choices:  # then it is a letter: "B" or "(B)"
@@ -160,7 +152,7 @@ def from_plain(row, i, name):
         if len(letter) != 1 or not 0 <= LETTERS.find(letter) < len(choices):
             raise BadRow(name, i, "answer", f"{answer!r} is neither one of the choices nor a letter of one")
         answer = choices[LETTERS.index(letter)]
-    if choices and f"(A) {choices[0]}" not in question:  # the question does not list them yet
+    if choices and f"(A) {choices[0]}" not in question:  # list them as CV-Bench does, unless it does already
         question = with_choices(question, choices)
     return {
         "images": images,
@@ -237,11 +229,12 @@ def read_json(path):
             text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"data set {path!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    listed, rows, n = text.lstrip().startswith("["), [], 0
+    listed = text.lstrip().startswith("[")
     try:
         if listed:
             rows = json.loads(text)
         else:  # JSON Lines
+            rows = []
             for n, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     rows.append(json.loads(line))
@@ -264,7 +257,7 @@ def read_table(spec, split):
             ds = datasets.load_dataset(FILE_TYPES[os.path.splitext(spec)[1]], data_files=spec)
         else:
             ds = datasets.load_dataset(spec)
-    except Exception as e:  # noqa: BLE001 -- whatever it is, it is this data set's: say what, in one line
+    except Exception as e:  # whatever it is, it is this data set's: say what, in one line
         if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__:
             e = e.__cause__  # what went wrong inside datasets' generic wrapper
         first_line = str(e).partition("\n")[0]
@@ -273,18 +266,16 @@ def read_table(spec, split):
 
 
 def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
-    """`synthetic[:N[:Task,...]]`, a .json/.jsonl/.parquet/.csv file, a data set folder or a hub id. Only rows
-    the run uses are read: SAT's single-image ones, and of those (or of all) a seeded sample of max_rows
-    (0: all); images stay bytes or paths until a batch needs them. A bad row stops the load with its data
-    set, row and column named, or with skip_bad is skipped and counted."""
+    """`synthetic[:N[:Task,...]]`, a .json/.jsonl/.parquet/.csv file, a data set folder or a hub id. Only the
+    rows used are read (SAT's single-image ones; a seeded sample of max_rows, 0: all), images only when
+    batched. A bad row stops the load (data set, row, column named); skip_bad skips and counts it."""
     ext = os.path.splitext(spec)[1]
     if spec.startswith("synthetic"):
-        n, tasks = (spec + "::").split(":")[1:3]
-        if bad := [t for t in tasks.split(",") if tasks and t not in TASKS + ("Color",)]:
-            raise ValueError(
-                f"data set {spec!r}: no synthetic task {bad[0]!r} ({', '.join(TASKS + ('Color',))})"
-            )
-        rows = synthetic_rows(int(n or 2000), seed + (split != "train"), tasks.split(",") if tasks else TASKS)
+        n, tasks = (spec + "::").split(":")[1:3]  # N and the tasks may be left out
+        tasks = tasks.split(",") if tasks else TASKS
+        if bad := [t for t in tasks if t not in TASKS + ("Color",)]:
+            raise ValueError(f"data set {spec!r}: no synthetic task {bad[0]!r} ({', '.join(TASKS)}, Color)")
+        rows = synthetic_rows(int(n or 2000), seed + (split != "train"), tasks)  # eval rows: seed + 1
     elif not os.path.exists(spec) and (ext in FILE_TYPES or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
         raise ValueError(f"data set {spec!r}: no such file or folder")
     elif os.path.isfile(spec) and ext not in FILE_TYPES:
@@ -309,15 +300,15 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
         adapter = from_plain
     else:
         raise ValueError(
-            f"data set {spec!r}: columns {sorted(columns)} match no known schema; expected plain ("
-            "image|images|"
-            "image_path, prompt|question|problem, answer|solution), SAT (image_bytes, question, answers, "
-            "correct_answer) or chat (messages|conversations, images)"
+            f"data set {spec!r}: columns {sorted(columns)} match no known schema; expected "
+            "plain (image|images|image_path, prompt|question|problem, answer|solution), SAT (image_bytes, "
+            "question, answers, correct_answer) or chat (messages|conversations, images)"
         )
     if 0 < max_rows < len(keep):  # a seeded sample, drawn before any row is read
         keep = sorted(random.Random(seed).sample(keep, max_rows))
         print(f"{spec}: using a seeded sample of {max_rows} rows (--max-rows)")
-    out, skipped = [], collections.Counter()
+    out = []
+    skipped = collections.Counter()
     if isinstance(rows, list):
         rows = [rows[i] for i in keep]
     else:  # only the kept rows are read, a batch at a time, images as stored ({"bytes", "path"}), undecoded
@@ -352,34 +343,37 @@ TASKS = ("Count", "Relation", "Depth", "Distance")
 
 def draw(d, shape, color, x, y, r, drawn):
     drawn.append(f"a {color} {shape}")
-    color, box = COLORS[color], [x - r, y - r, x + r, y + r]
+    box = [x - r, y - r, x + r, y + r]
     if shape == "circle":
-        d.ellipse(box, fill=color)
+        d.ellipse(box, fill=COLORS[color])
     elif shape == "square":
-        d.rectangle(box, fill=color)
+        d.rectangle(box, fill=COLORS[color])
     else:
-        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=color)
+        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
 
 
 def synthetic_rows(n, seed, tasks=TASKS):
     """n rows of coloured shapes in CV-Bench's schema, `tasks` in turn: Count, Relation (left/right), Depth
     (the bigger is closer), Distance; Color, the demo's easy one, lists its choices in one order. Seeded."""
-    rng, rows = random.Random(seed), []
+    rng = random.Random(seed)
+    rows = []
     for i in range(n):
         task = tasks[i % len(tasks)]
         W, H = rng.choice([(112, 112), (112, 84), (84, 112)])
         img = Image.new("RGB", (W, H), (245, 245, 245))
-        d, drawn = ImageDraw.Draw(img), []
+        d = ImageDraw.Draw(img)
+        drawn = []  # "a red circle", ...: the solution's image description
         kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], 3)
         name = [f"{c} {s}" for c, s in kinds]
         if task == "Count":  # k shapes of one colour among distractors of other colours
-            color, k = rng.choice(list(COLORS)), rng.randint(1, 4)
+            color = rng.choice(list(COLORS))
+            k = rng.randint(1, 4)
             others = [c for c in COLORS if c != color]
             for j in range(k + rng.randint(0, 2)):
                 c = color if j < k else rng.choice(others)
                 draw(d, rng.choice(SHAPES), c, rng.randint(8, W - 8), rng.randint(8, H - 8), 6, drawn)
-            q, choices = f"How many {color} shapes are in the image?", [str(k)]
-            choices += rng.sample([str(v) for v in range(0, 6) if v != k], 3)
+            q = f"How many {color} shapes are in the image?"
+            choices = [str(k)] + rng.sample([str(v) for v in range(0, 6) if v != k], 3)
             steps = [f"I look for the {color} shapes.", f"I count {k} {color} shapes."]
             keys = [[f"{k} {color} shapes", f"{'zero one two three four'.split()[k]} {color} shapes"]]
         elif task == "Relation":
@@ -402,13 +396,16 @@ def synthetic_rows(n, seed, tasks=TASKS):
             ]
             keys = [[f"{choices[0]} is bigger", f"{choices[0]} is larger"], [f"{choices[0]} is closer"]]
         elif task == "Color":  # one big shape, whose colour alone answers
-            c, r = rng.choice(list(COLORS)), rng.randint(30, 42)
+            c = rng.choice(list(COLORS))
+            r = rng.randint(30, 42)
             draw(d, rng.choice(SHAPES), c, rng.randint(r, W - r), rng.randint(r, H - r), r, drawn)
-            q, choices = "What colour is the shape?", list(COLORS)
-            steps, keys = [f"The shape is {c}."], [[f"is {c}"]]
+            q = "What colour is the shape?"
+            choices = list(COLORS)
+            steps = [f"The shape is {c}."]
+            keys = [[f"is {c}"]]
         else:  # Distance: which of two objects is nearer (in the picture) to a third
             pts = [(rng.randint(10, W - 10), rng.randint(10, H - 10)) for _ in range(3)]
-            dist = [abs(complex(*pts[j]) - complex(*pts[0])) for j in (1, 2)]
+            dist = [abs(complex(*pts[j]) - complex(*pts[0])) for j in (1, 2)]  # |p - q| in the plane
             while abs(dist[0] - dist[1]) < 10:  # no near ties: the question must have one answer
                 pts[2] = (rng.randint(10, W - 10), rng.randint(10, H - 10))
                 dist[1] = abs(complex(*pts[2]) - complex(*pts[0]))
@@ -421,27 +418,24 @@ def synthetic_rows(n, seed, tasks=TASKS):
         gold = c if task == "Color" else choices[0]
         if task != "Color":
             rng.shuffle(choices)
-        prompt = with_choices(q, choices)
         answer = f"({LETTERS[choices.index(gold)]})"
+        source = "Omni3D" if task in ("Depth", "Distance") else ("ADE20K", "COCO")[i // len(tasks) % 2]
+        numbered = "".join(f"### Step {j + 1}:\n{st}\n" for j, st in enumerate(steps))
         solution = (
             f"### Image Description:\nThe image shows {', '.join(sorted(set(drawn)))}.\n"
-            f"### Rationales:\nThe question is about "
-            f"{task.lower()}; I compare the shapes in the image.\n### Let's think step by step.\n"
-            + "".join(f"### Step {j + 1}:\n{st}\n" for j, st in enumerate(steps))
-            + f"{FINAL} {answer}"
+            f"### Rationales:\nThe question is about {task.lower()}; I compare the shapes in the image.\n"
+            f"### Let's think step by step.\n{numbered}{FINAL} {answer}"
         )
         rows.append(
             {
                 "image": img,
-                "prompt": prompt,
+                "prompt": with_choices(q, choices),
                 "question": q,
                 "choices": choices,
                 "task": task,
                 "answer": answer,
                 "type": "3D" if task in ("Depth", "Distance") else "2D",
-                "source": "Omni3D"
-                if task in ("Depth", "Distance")
-                else ("ADE20K", "COCO")[i // len(tasks) % 2],
+                "source": source,
                 "solution": solution,
                 "key_steps": {"Steps": keys},
             }

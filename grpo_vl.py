@@ -32,12 +32,9 @@ Deliberate simplifications:
 """
 
 import argparse
-import bisect
 import contextlib
 import copy
-import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -46,7 +43,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -73,9 +70,7 @@ class Args:
 
     variant: str = flag("r1zero", "recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults")
     model: str = flag("Qwen/Qwen2-VL-2B", "Qwen2-VL / 2.5-VL hub id or folder; tiny, tiny-2.5: offline")
-    data: str = flag(
-        "array/SAT", "training data: hub id, folder, .jsonl/.json/.parquet or synthetic[:N[:Tasks]]"
-    )
+    data: str = flag("array/SAT", "hub id, folder, .json(l)/.parquet/.csv file, or synthetic[:N[:Tasks]]")
     max_rows: int = flag(0, "a seeded sample of this many --data rows (SAT: single-image ones); 0 = all")
     eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data (protocol E), same forms as --data")
     out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json")
@@ -143,8 +138,6 @@ VARIANTS = {
         data="",
         sft_epochs=2,
         sft_lr=1e-5,  # the paper's, for 2B (5e-6 for 7B); the released config used 2e-5
-        sft_warmup=0.03,
-        sft_weight_decay=0.05,
         sft_batch=128,
     ),
     "vision-r1": dict(  # Vision-R1: cold-start SFT, then GRPO under PTST
@@ -259,7 +252,9 @@ def grpo_loss(logp, old, ref, A, mask, args, n_completions, n_tokens):
 def rollout(model, processor, exs, args, eos, banned, device, seed):
     """Sample G completions per prompt (G8) with the KV cache. Returns one batch per generate() call, each
     with its completions, their G9 masks and "idx": completion j of this rank answers prompt j // G (I8)."""
-    G, n, batches = args.num_generations, args.gen_batch or len(exs), []
+    G = args.num_generations
+    n = args.gen_batch or len(exs)
+    batches = []
     with gathered(model):
         for start in range(0, len(exs), n):
             chunk = exs[start : start + n]
@@ -334,11 +329,8 @@ def main(argv=None):
     exs = within_prompt_cap(exs, args.data, args, processor)
     P = args.prompts_per_step
     # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
-    stages = parse_ptst(args.ptst)
-    if not stages:
-        stages = [
-            (args.max_new_tokens, args.num_generations, args.max_steps or args.epochs * (len(exs) // P))
-        ]
+    plain_steps = args.max_steps or args.epochs * (len(exs) // P)
+    stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations, plain_steps)]
     steps = sum(n for _, _, n in stages)
     order = data_order(len(exs), steps * P, args.seed)
     reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms; R3, R4 take flags
@@ -541,10 +533,11 @@ def parse_ptst(spec):
 def ptst_stage(args, stages, step):
     """PTST (Vision-R1): the stage (0-based) that step is in, and a copy of args with that stage's
     completion cap and G; args itself is not changed."""
-    ends = list(itertools.accumulate(n for _, _, n in stages))
-    stage = bisect.bisect_left(ends, step)
-    cap, G, _ = stages[stage]
-    return stage, dataclasses.replace(args, max_new_tokens=cap, num_generations=G)
+    end = 0
+    for stage, (cap, G, n) in enumerate(stages):
+        end += n  # the stage's last step
+        if step <= end:
+            return stage, replace(args, max_new_tokens=cap, num_generations=G)
 
 
 def open_metrics(out, progress):
@@ -597,17 +590,13 @@ def parse_args(argv=None):
     if not tiny and not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
         p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
     if not args.data:
-        p.error(
-            f"--variant {args.variant} needs --data (step-wise CoT rows: problem, image, solution, key_steps)"
-        )
+        p.error(f"--variant {args.variant} needs --data (rows: problem, image, solution, key_steps)")
     sft_on = args.sft_epochs or args.sft_steps or args.sft_only
     if sft_on and not args.sft_data and args.variant in ("stepgrpo", "vision-r1"):  # warm-up set != RL set
         p.error(f"--variant {args.variant} needs --sft-data (or --sft-epochs 0 for no SFT)")
     stage = r"[1-9]\d*:[1-9]\d*:[1-9]\d*"
     if args.ptst and not re.fullmatch(rf"{stage}(,{stage})*", args.ptst):
-        p.error(
-            f"--ptst {args.ptst!r}: expected tokens:G:steps stages, comma-separated (4096:16:100,8192:8:100)"
-        )
+        p.error(f"--ptst {args.ptst!r}: expected tokens:G:steps stages, as 4096:16:100,8192:8:100")
     if min([args.num_generations] + [G for _, G, _ in parse_ptst(args.ptst)]) < 2:
         p.error("--num-generations (and each PTST stage's G) must be at least 2: a lone completion has no G2")
     if args.mu < 1:
@@ -731,7 +720,8 @@ def my_share(order, step, n, rank, world):
 def sft_batch(processor, exs, args):
     """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
     'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
-    b, tok = encode(processor, exs, args), processor.tokenizer
+    b = encode(processor, exs, args)
+    tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|endoftext|>" if args.prompt == "base" else "<|im_end|>")
     ids = [tok(data.sft_target(ex, args.prompt), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
     C = max(len(x) for x in ids)
@@ -796,9 +786,7 @@ def clip_and_step(params, opt, max_norm):
         grad_norm = grad_norm.full_tensor()
     grad_norm = grad_norm.item()
     if not math.isfinite(grad_norm):
-        raise SystemExit(
-            f"error: gradient norm {grad_norm}; stopped, OUT/checkpoint keeps the last good weights"
-        )
+        raise SystemExit(f"error: gradient norm {grad_norm}; stopped (OUT/checkpoint: the last good weights)")
     opt.step()
     return grad_norm
 
@@ -818,7 +806,8 @@ def evaluate(model, exs, args, run):
     """Greedy decoding; an answer is right as the variant's reward judges it. Accuracy overall (micro), per
     task, and CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2."""
     processor, device = run["processor"], run["device"]
-    mine, results = exs[run["rank"] :: run["world"]], []
+    mine = exs[run["rank"] :: run["world"]]
+    results = []
     with gathered(model):
         for s in range(0, len(mine), 16):
             chunk = mine[s : s + 16]
@@ -872,7 +861,8 @@ def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
     with save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
     (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
     mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
-    root, name = os.path.join(args.out, "checkpoints"), f"{phase}-{step:06d}"
+    root = os.path.join(args.out, "checkpoints")
+    name = f"{phase}-{step:06d}"
     tmp = os.path.join(root, ".tmp-" + name)
     options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = dsd.get_model_state_dict(model, options=options)
@@ -935,10 +925,10 @@ def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
     schema or a bad row (for SFT also a row with nothing to learn from) ends the run: one line, exit 2."""
     try:
         exs = data.load_examples(spec, which, args.seed, args.skip_bad_rows, max_rows)
-        if sft and (bad := [ex["row"] for ex in exs if not (ex.get("solution") or ex.get("target"))]):
-            raise ValueError(
-                f"data set {spec!r}, row {bad[0]}: no 'solution' or assistant turn to learn from"
-            )
+        bad = [ex["row"] for ex in exs if sft and not (ex.get("solution") or ex.get("target"))]
+        if bad:
+            why = "no 'solution' or assistant turn to learn from"
+            raise ValueError(f"data set {spec!r}, row {bad[0]}: {why}")
         return exs
     except (ValueError, OSError) as e:
         print(f"grpo_vl.py: error: {e}", file=sys.stderr)
@@ -948,18 +938,20 @@ def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
 def within_prompt_cap(exs, spec, args, processor):
     """A prompt is never cut, since it holds image tokens (I4): one over --max-prompt-tokens, measured through
     the processor, is a bad row: it ends the run (exit 2), or with --skip-bad-rows is skipped and counted."""
-    cap = args.max_prompt_tokens
-    n = [encode(processor, [ex], args)["input_ids"].shape[1] if cap else 0 for ex in exs]
-    long = [j for j in range(len(exs)) if cap and n[j] > cap]
-    if long and not args.skip_bad_rows:
-        why = f"{n[long[0]]} tokens > --max-prompt-tokens"
-        print(
-            f"grpo_vl.py: error: {data.BadRow(spec, exs[long[0]]['row'], 'question', why)}", file=sys.stderr
-        )
-        raise SystemExit(2) from None
-    if long:
-        print(f"{spec}: skipped {len(long)} rows whose prompts are over --max-prompt-tokens")
-    return [ex for j, ex in enumerate(exs) if j not in long]
+    if not args.max_prompt_tokens:
+        return exs
+    kept = []
+    for ex in exs:
+        n = encode(processor, [ex], args)["input_ids"].shape[1]
+        if n <= args.max_prompt_tokens:
+            kept.append(ex)
+        elif not args.skip_bad_rows:
+            bad = data.BadRow(spec, ex["row"], "question", f"{n} tokens > --max-prompt-tokens")
+            print(f"grpo_vl.py: error: {bad}", file=sys.stderr)
+            raise SystemExit(2)
+    if len(kept) < len(exs):
+        print(f"{spec}: skipped {len(exs) - len(kept)} rows whose prompts are over --max-prompt-tokens")
+    return kept
 
 
 # ============================================================================ engineering: models
@@ -986,38 +978,24 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
     corpus = [data.P1 + data.P2 + data.P3] + [r["prompt"] for r in rows] + [r["solution"] for r in rows]
     corpus += ["<think> I see the image. Wait, let me check. </think> <answer> (A) </answer> 0123456789"] * 20
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=512,
-            special_tokens=SPECIAL,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIAL, initial_alphabet=alphabet, show_progress=False
     )
+    bpe.train_from_iterator(corpus, trainer)
     tok = tf.PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
     ids = tok.convert_tokens_to_ids
     special = dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"], ids("<|endoftext|>"))
-    hd = (
-        hidden // 4
-    )  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3, as [16, 24, 24]
+    hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3: [16, 24, 24]
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}
-    vision = (
-        dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=hidden,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        )
-        if qwen25
-        else dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2)
-    )  # patch 14, merge 2 as the real ones
+    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2)  # patch 14, merge 2
+    if qwen25:  # the 2.5 tower names its sizes differently and adds windowed attention
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden)
+        vision.update(window_size=56, fullatt_block_indexes=[1])
     cfg = (tf.Qwen2_5_VLConfig if qwen25 else tf.Qwen2VLConfig)(
         text_config=dict(
             vocab_size=len(tok),
@@ -1057,15 +1035,11 @@ def load_model(args):
             args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
         )
         processor = tf.AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tok, gen_eos = processor.tokenizer, model.generation_config.eos_token_id  # an int or a list
-    eos = sorted(
-        {
-            i
-            for i in tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-            + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
-            if i is not None
-        }
-    )
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    gen_eos = model.generation_config.eos_token_id  # an int or a list
+    eos += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    eos = sorted({i for i in eos if i is not None})
     # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
     # penalty 1.05). Replace it: RL must sample from, and score, the plain tempered distribution (G8).
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)

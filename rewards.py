@@ -1,15 +1,14 @@
 """Rewards (R1-R7): plain functions reward(text, ex, n_tokens) -> float of the completion (with the <think>
 a P1 prompt opened put back), the data row `ex` (gold `answer`, lettered `choices` if any) and the
 completion's token count; G1 sums them. Model output is hostile input: nothing here raises on any string
-or runs it as code (no eval, no sympy: numbers go through the small parser below), and every scan of it is
-linear in its length.
+or runs it as code (no eval, no sympy: parse_number), and every scan of it is linear in its length.
 """
 
 import math
 import re
 
 
-# --------------------------------------------------------------------------- answer extraction (R1)
+# --------------------------------------------------------------------------- the answer and its equality (R1)
 def last_tag(text, tag):
     """Contents of the last <tag>...</tag> (DOTALL), stripped; None if there is none."""
     end = text.rfind(f"</{tag}>")
@@ -17,12 +16,13 @@ def last_tag(text, tag):
     return None if end < 0 or start < 0 else text[start + len(tag) + 2 : end].strip()
 
 
-# --------------------------------------------------------------------------- answer equality (R1)
-COUNTS = (  # number words read as numbers: "three" for small counts
+NUMBER_WORDS = (  # read as numbers, their index: "three" for small counts
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty"
 ).split()
-NUMBER_WORDS = {w: i for i, w in enumerate(COUNTS)}
+UNIT = re.compile(
+    r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$"
+)
 
 
 def normalize(s):
@@ -37,20 +37,15 @@ def normalize(s):
 
 
 def parse_number(s):
-    """A float from a number, a number word or simple math (\\frac, a/b, \\sqrt, products, + -), or None:
-    recursive descent over a whitelist of tokens (digits . + - * / ( ) { } \\frac \\sqrt), a trailing unit or
-    degree sign dropped. Anything else (letters, ^, calls, code) is not a number. Length-, so depth-capped."""
+    """A float from a number, a number word or simple math, or None: recursive descent over a whitelist of
+    tokens (digits . + - * / ( ) { } \\frac \\sqrt), a trailing unit dropped; length-, so depth-capped."""
     s = s.strip()
     if s in NUMBER_WORDS:
-        return float(NUMBER_WORDS[s])
+        return float(NUMBER_WORDS.index(s))
     if re.search(r"[\d.]\s+[\d.]", s):  # whitespace between digits: "1 2" is not 12, nor "1 000" a thousand
         return None
     s = re.sub(r"\\[dt]frac", r"\\frac", s.replace(" ", "")).replace("\\cdot", "*").replace("\\times", "*")
-    s = re.sub(
-        r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$",
-        "",
-        s,
-    )  # 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2: the number
+    s = UNIT.sub("", s)  # 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2: the number
     if not s or len(s) > 100:
         return None
     toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)[::-1]  # a stack: next token last
@@ -112,12 +107,15 @@ LETTER_AND_TEXT = re.compile(r"\(?([a-z])[.:)]\s*(.{1,200})")  # "(a) left", "a.
 
 def is_correct(pred, ex):
     """R1 equality. With lettered choices (CV-Bench style) the letter or the option's text counts."""
+    if pred is None:
+        return False
+    if answers_equal(pred, ex["answer"]):
+        return True
     choices = ex.get("choices") or []
-    if pred is None or answers_equal(pred, ex["answer"]):
-        return pred is not None
     if ex["answer"] not in choices:
         return False
-    gold_letter, p = "abcdefghijklmnopqrstuvwxyz"[choices.index(ex["answer"])], normalize(pred)
+    gold_letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(ex["answer"])]
+    p = normalize(pred)
     if m := LETTER.fullmatch(p):
         return m.group(1) == gold_letter
     m = LETTER_AND_TEXT.fullmatch(p)
@@ -186,10 +184,11 @@ def step_accuracy(text, ex, n_tokens=0, alpha=0.1):
 
 def step_validity(text, ex=None, n_tokens=0):
     """R5 StepRVR: 1 iff complete (description, rationale, >= 1 step, final answer all present) and logical
-    (in that order, steps numbered 1..n consecutively, the final answer after the last step), else 0.
-    '### Let's think step by step.' may stand between the rationale and step 1."""
+    (in that order, steps numbered 1..n consecutively, the final answer after the last step), else 0."""
+    # the headers in order: I(mage Description), R(ationales), S1, S2, ..., T(he final answer), L(et's think)
     kinds = [f"S{m.group(2)}" if m.group(2) else (m.group(1) or "L")[0] for m in SECTION.finditer(text)]
-    kinds = kinds[:2] + kinds[3:] if kinds[2:3] == ["L"] else kinds  # I R S1.. T, "Let's think" dropped
+    if kinds[2:3] == ["L"]:  # '### Let's think step by step.' may stand between the rationale and step 1
+        del kinds[2]
     n = len(kinds) - 3  # the steps
     return float(n >= 1 and kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])
 
@@ -202,8 +201,8 @@ def hard_format(text, ex, n_tokens=0):
     tags = ("<think>", "</think>", "<answer>", "</answer>")
     if not (t.startswith("<think>") and t.endswith("</answer>")) or any(t.count(tag) != 1 for tag in tags):
         return 0.0
-    close, open_ = t.index("</think>"), t.index("<answer>")
-    return float(close < open_ and not t[close + 8 : open_].strip() and is_correct(last_tag(t, "answer"), ex))
+    after_think = t.partition("</think>")[2]  # must be space, then the <answer>
+    return float(after_think.lstrip().startswith("<answer>") and is_correct(last_tag(t, "answer"), ex))
 
 
 REWARDS = {

@@ -42,7 +42,10 @@ for checkpointing in (False, True):
 assert calls == {False: 1, True: 2}, calls  # with checkpointing the layer ran again in the backward
 for name, grad in grads[False].items():
     assert grad.abs().max() > 0, name
-    assert torch.allclose(grads[True][name], grad, rtol=1e-5, atol=1e-7), (name, (grads[True][name] - grad).abs().max())
+    assert torch.allclose(grads[True][name], grad, rtol=1e-5, atol=1e-7), (
+        name,
+        (grads[True][name] - grad).abs().max(),
+    )
 
 ref = g.build_tiny(args.seed)[0].eval().requires_grad_(False)
 g.shard(ref, mesh, cpu, bf16=False)

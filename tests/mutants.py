@@ -41,7 +41,10 @@ VS = (  # fastest first: pytest stops at the first failure
     "test_vision_sharing.py::test_two_fsdp_ranks"
 )
 MEM = "test_memory.py::test_"
+FLAGS = MEM + "the_precision_and_checkpointing_flags_reach_the_model"
 BF16 = f"{MEM}bf16_logprobs_agree_with_fp32 {MEM}bf16_run_trains_with_fp32_master_weights"
+PREC = "test_precision.py::test_"
+FSDP_BF16 = PREC + "fsdp_bf16_computes_in_bf16_over_fp32_shards_and_reduces_gradients_in_fp32"
 
 MUTANTS = [
     # ---- the GRPO equations
@@ -267,6 +270,13 @@ MUTANTS = [
         "ex_of = [mine[j % len(mine)] for j in range(len(texts))]",
         I8,
     ),
+    Mutant(
+        "I8 each generate() call's completions indexed from 0 (--gen-batch: every group gets group 0's A)",
+        "grpo_vl.py",
+        'b["idx"] = torch.arange(start * G, (start + len(chunk)) * G)',
+        'b["idx"] = torch.arange(len(chunk) * G)',
+        MEM + "gen_batch_rollouts_give_each_micro_batch_its_own_completions_advantages",
+    ),
     # ---- FSDP
     Mutant(
         "FSDP not resharded after the rollout",
@@ -322,8 +332,8 @@ MUTANTS = [
     Mutant(
         "PTST a stage's last step run under the next stage",
         "grpo_vl.py",
-        "stage = bisect.bisect_left(ends, step)",
-        "stage = bisect.bisect_right(ends, step)",
+        "if step <= end:",
+        "if step < end:",
         VR1 + "vision_r1_cold_start_then_two_ptst_stages",
     ),
     # ---- vision sharing
@@ -347,36 +357,35 @@ MUTANTS = [
         "grpo_vl.py",
         'return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")',
         'return args.precision == "auto" and device.type == "cuda"',
-        BF16,
+        FLAGS + " " + BF16,
     ),
     Mutant(
         "bf16: FSDP computes in fp32",
         "grpo_vl.py",
         "MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16",
         "MixedPrecisionPolicy(torch.float32, torch.float32) if bf16",
-        BF16,
+        FSDP_BF16,
     ),
     Mutant(
         "bf16: FSDP reduces gradients in bf16",
         "grpo_vl.py",
         "MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16",
         "MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16) if bf16",
-        BF16,
+        FSDP_BF16,
     ),
     Mutant(
         "bf16: one process without autocast",
         "grpo_vl.py",
         "amp = torch.autocast(device.type, torch.bfloat16) if bf16_autocast else contextlib.nullcontext()",
         "amp = contextlib.nullcontext()",
-        BF16,
+        PREC + "one_process_bf16_generates_and_scores_under_autocast_and_fp32_does_not",
     ),
     Mutant(
         "gradient checkpointing never enabled",
         "grpo_vl.py",
         'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})',
         "pass",
-        f"{MEM}gradient_checkpointing_gives_the_same_gradients "
-        f"{MEM}fsdp_checkpointed_gradients_and_reference_resharding",
+        FLAGS,
     ),
     Mutant(
         "generate() in training mode (checkpointing turns the KV cache off)",

@@ -22,4 +22,3 @@ def test_modules_are_formatted():
 def test_modules_pass_the_lint_rules():
     p = ruff("check", "--output-format", "concise", *MODULES)
     assert p.returncode == 0, p.stdout + p.stderr
-

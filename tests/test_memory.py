@@ -13,6 +13,7 @@ import torch
 import transformers as tf
 
 import grpo_vl as g
+import rewards as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -237,3 +238,53 @@ def test_the_precision_and_checkpointing_flags_reach_the_model():
     assert model.is_gradient_checkpointing and model.training and not ref.training
     off, *_ = g.prepare_models(g.parse_args(["--model", "tiny"]), CPU, None)
     assert not off.is_gradient_checkpointing
+
+
+def test_gen_batch_rollouts_give_each_micro_batch_its_own_completions_advantages(
+    tiny, examples, monkeypatch, tmp_path
+):
+    """--gen-batch 1 (one generate() call per prompt, the KV cache of one group at a time): batch k holds
+    prompt k's G completions, and its "idx", their places k*G..(k+1)*G-1 among the rank's completions, is
+    where main reads each micro-batch's advantages (A[mb["idx"]], I8). An idx counted from 0 in every batch
+    would give every prompt's completions the first group's advantages."""
+    model, processor, eos, banned = tiny
+    P, G = 3, 2
+    flags = f"--model tiny --gen-batch 1 --num-generations {G} --max-new-tokens 6".split()
+    args = g.parse_args(flags)
+    batches = g.rollout(model, processor, examples[:P], args, eos, banned, CPU, seed=0)
+    own = [g.encode(processor, [ex], args)["input_ids"][0].tolist() for ex in examples[:P]]
+    assert len(batches) == P and len(set(map(tuple, own))) == P  # P calls; P different prompts
+    assert torch.equal(torch.cat([b["idx"] for b in batches]), torch.arange(P * G))
+    for k, b in enumerate(batches):
+        assert b["idx"].tolist() == list(range(k * G, (k + 1) * G)), (k, b["idx"])
+        assert [ids[m.bool()].tolist() for ids, m in zip(b["input_ids"], b["attention_mask"])] == [own[k]] * G
+
+    # main: rewards that make each group's advantages different; micro-batches of 1 cut every batch
+    rewards = iter([0.0, 1.0, 1.0, 0.0, 2.0, 2.0])  # A = -a, a, a, -a, 0, 0 (a = 1/sqrt(2))
+    advantages, given = [], []
+    real_advantages, real_loss = g.group_advantages, g.grpo_loss
+
+    def next_reward(text, ex, n_tokens=0):
+        return next(rewards)
+
+    def recording_advantages(r, G):
+        advantages.append(real_advantages(r, G))
+        return advantages[-1]
+
+    def recording_loss(logp, old, ref, A, *rest):
+        given.append(A)
+        return real_loss(logp, old, ref, A, *rest)
+
+    monkeypatch.setitem(R.REWARDS, "accuracy", next_reward)
+    monkeypatch.setattr(g, "group_advantages", recording_advantages)
+    monkeypatch.setattr(g, "grpo_loss", recording_loss)
+    out = tmp_path / "gen_batch"
+    g.main(
+        flags
+        + f"--data synthetic:16 --max-steps 1 --prompts-per-step {P} --micro-batch 1 --rewards accuracy "
+        f"--log-completions-every 0 --out {out}".split()
+    )
+    ((A, _),) = advantages
+    a = 2**-0.5
+    assert torch.allclose(A, torch.tensor([-a, a, a, -a, 0, 0]), atol=1e-3), A
+    assert len(given) == P * G and torch.equal(torch.cat(given), A)  # micro-batch i: completion i's A
