@@ -58,7 +58,7 @@ import data
 import rewards as R
 
 
-# ============================================================================ 0. arguments
+# =================================================================== arguments and variants (table V)
 def flag(default, help):
     """A dataclass field whose metadata carries its --help text."""
     return field(default=default, metadata={"help": help})
@@ -92,7 +92,9 @@ class Args:
     loss_agg: str = flag("seq", "seq: per completion, then mean (G6, papers) | token: over all tokens (DAPO)")
     max_grad_norm: float = flag(1.0, "gradient-norm clip")
     epochs: int = flag(2, "passes over the training data (when --max-steps is 0)")
-    max_steps: int = flag(0, "optimizer steps; 0 = --epochs passes over the data")
+    max_steps: int = flag(
+        0, "RL steps (a rollout, then --mu policy epochs); 0 = --epochs passes over the data"
+    )
     sft_data: str = flag("", "SFT data (rows with a solution, or chat rows); r1zero/grpo: empty = --data")
     sft_epochs: int = flag(0, "SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)")
     sft_steps: int = flag(0, "SFT optimizer steps (overrides --sft-epochs)")
@@ -116,7 +118,7 @@ class Args:
     eval_max_new_tokens: int = flag(1024, "greedy decoding cap for evaluation (protocol E)")
     log_completions_every: int = flag(10, "write completions and rewards to OUT/trajectories/ every N steps")
     resume: bool = flag(False, "continue from OUT/checkpoint: weights, optimizer, schedule, phase, step")
-    keep: int = flag(2, "checkpoints kept in OUT/checkpoints/ (OUT/checkpoint links to the newest)")
+    keep: int = flag(2, "checkpoints kept in OUT/checkpoints/, 0 = all (OUT/checkpoint links to the newest)")
     skip_bad_rows: bool = flag(False, "skip unusable data rows, counted by reason, instead of stopping")
     trust_remote_code: bool = flag(False, "run code shipped with a model (off: safetensors weights only)")
 
@@ -192,7 +194,7 @@ def token_logprobs(model, b, T, banned, device):
         pixel_values=b["pixel_values"].to(device),
         image_grid_thw=b["image_grid_thw"].to(device),
         logits_to_keep=1,  # the model's own logits: one position; ours are below
-        output_hidden_states=-1,  # the last layer's (normed) states only
+        output_hidden_states=-1,  # an index, not a bool: the last layer's (normed) states only
         use_cache=False,
     )
     h = out.hidden_states[-1][:, -C - 1 : -1].reshape(N * C, -1)  # (N*C, H): the states that predict o_1..o_C
@@ -247,7 +249,7 @@ def grpo_loss(logp, old, ref, A, mask, args, n_completions, n_tokens):
     return loss, D, clipped.float()
 
 
-# ============================================================================ 1. the rollout
+# ============================================================================ the rollout
 @torch.no_grad()
 def rollout(model, processor, exs, args, eos, banned, device, seed):
     """Sample G completions per prompt (G8) with the KV cache. Returns one batch per generate() call, each
@@ -261,7 +263,9 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
             groups = torch.arange(len(chunk)).repeat_interleave(G)  # 0,0,..,0, 1,1,..: never .repeat (I3)
             b = take(encode(processor, chunk, args), groups)  # (P*G, L)
             b["idx"] = torch.arange(start * G, (start + len(chunk)) * G)
-            torch.manual_seed(seed + start)  # depends on the prompt's global index only, not the rank count
+            torch.manual_seed(
+                seed + start
+            )  # with --gen-batch 1: the prompt's global index, not the rank count
             with shared_vision(b, args, model):  # the prefill encodes each prompt's image once
                 seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
             b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (P*G, C)
@@ -319,6 +323,8 @@ def main(argv=None):
         log(f"resuming after {progress['phase']} step {progress['step']}")
     # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
     in_rl = progress is not None and progress["phase"] == "rl"
+    if progress and not in_rl and not sft_on:
+        fail("OUT/checkpoint is an SFT checkpoint: --resume with its SFT flags, or start RL with --model it")
     if sft_on and not in_rl:
         sft_exs = within_prompt_cap(sft_exs, args.sft_data or args.data, args, processor)
         sft(model, sft_exs, args, run, record, progress)
@@ -332,6 +338,8 @@ def main(argv=None):
     plain_steps = args.max_steps or args.epochs * (len(exs) // P)
     stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations, plain_steps)]
     steps = sum(n for _, _, n in stages)
+    if steps == 0:
+        fail(f"{args.data}: {len(exs)} usable rows, fewer than --prompts-per-step {P}: no RL step to take")
     order = data_order(len(exs), steps * P, args.seed)
     reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms; R3, R4 take flags
     if "step_accuracy" in reward_fns:
@@ -354,7 +362,7 @@ def main(argv=None):
             log(f"stage {stage + 1}: up to {stage_args.max_new_tokens} new tokens, G = {G}, from step {step}")
         # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
-        seed = args.seed + 1_000_003 * step + rank * P // world  # the same samples whatever the rank count
+        seed = args.seed + 1_000_003 * step + rank * P // world  # + this rank's first prompt of the step
         with amp:
             batches = rollout(model, processor, mine, stage_args, eos, banned, device, seed)
         t1 = time.time()
@@ -405,7 +413,8 @@ def main(argv=None):
         lr = opt.param_groups[0]["lr"]
         sched.step()
         t4 = time.time()
-        # ---- 6. log: means over ranks; the loss at mu = 1 is ~beta*KL (rho = 1), its gradient is not 0
+        # ---- 6. log: means over ranks; kl, clip_frac, loss, grad_norm of the last policy epoch. At mu = 1
+        # and seq aggregation the loss is ~beta*KL (rho = 1, A sums to 0 in a group); its gradient is not 0
         stats = {f"rewards/{name}": values.mean().item() for name, values in per_fn.items()}
         stats["reward"] = r.mean().item()
         stats["reward_std"] = r.view(-1, G).std(1).mean().item()
@@ -448,7 +457,7 @@ def main(argv=None):
 
 
 def linear_decay(s, steps):
-    """The RL learning-rate factor at optimizer step s: 1 at the start, 0 at the end."""
+    """The RL learning-rate factor after s steps (one rollout each): 1 at the start, 0 at the end."""
     return 1 - s / steps
 
 
@@ -575,7 +584,7 @@ def parse_args(argv=None):
     tiny = given.get("model", "").startswith("tiny")
     defaults = {**VARIANTS[variant], **(TINY if tiny else {})}
     args = Args(**{**defaults, **given})
-    for flag, values, allowed in [
+    for name, values, allowed in [
         ("--rewards", args.rewards.split(","), R.REWARDS),
         ("--prompt", [args.prompt], data.PROMPT_STYLES),
         ("--loss-agg", [args.loss_agg], ("seq", "token")),
@@ -583,7 +592,7 @@ def parse_args(argv=None):
         ("--precision", [args.precision], ("auto", "bf16", "fp32")),
     ]:
         if bad := [v for v in values if v not in allowed]:
-            p.error(f"{flag} {bad[0]!r}: expected one of {', '.join(map(repr, allowed))}")
+            p.error(f"{name} {bad[0]!r}: expected one of {', '.join(map(repr, allowed))}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.prompts_per_step % world or args.sft_batch % world:
         p.error(f"--prompts-per-step and --sft-batch must divide by the {world} ranks")
@@ -591,6 +600,8 @@ def parse_args(argv=None):
         p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
     if not args.data:
         p.error(f"--variant {args.variant} needs --data (rows: problem, image, solution, key_steps)")
+    if args.sft_only and not (args.sft_epochs or args.sft_steps):
+        p.error("--sft-only needs --sft-epochs or --sft-steps")
     sft_on = args.sft_epochs or args.sft_steps or args.sft_only
     if sft_on and not args.sft_data and args.variant in ("stepgrpo", "vision-r1"):  # warm-up set != RL set
         p.error(f"--variant {args.variant} needs --sft-data (or --sft-epochs 0 for no SFT)")
@@ -679,8 +690,7 @@ MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "
 
 def take(batch, idx):
     """Sequences `idx` of a batch. pixel_values holds one row per image patch of all the batch's images,
-    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen sequences' images.
-    take(b, arange(P).repeat_interleave(G)) expands prompts to groups; .repeat would interleave them."""
+    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen sequences' images."""
     idx = torch.as_tensor(idx)
     pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())  # one per image
     images_of = torch.split(torch.arange(len(pixels)), batch["n_images"].tolist())  # each sequence's images
@@ -708,7 +718,9 @@ def split(b, size):
 
 def data_order(n, needed, seed):
     """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
-    return [i for epoch in range(-(-needed // n)) for i in random.Random(seed + epoch).sample(range(n), n)]
+    return [
+        i for epoch in range(math.ceil(needed / n)) for i in random.Random(seed + epoch).sample(range(n), n)
+    ]
 
 
 def my_share(order, step, n, rank, world):
@@ -880,8 +892,11 @@ def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
     dcp.save(train_state, checkpoint_id=os.path.join(tmp, "train_state"))
     barrier()
     if rank == 0:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # a run repeated in the same --out
         os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
         link = os.path.join(args.out, "checkpoint")
+        if os.path.lexists(link + ".tmp"):  # left by a kill
+            os.remove(link + ".tmp")
         os.symlink(os.path.join("checkpoints", name), link + ".tmp")
         os.replace(link + ".tmp", link)
         done = [d for d in os.listdir(root) if not d.startswith(".")]
@@ -920,6 +935,12 @@ def resume(model, opt, sched, ref, args):
 
 
 # ============================================================================ engineering: data
+def fail(message):
+    """A mistake in the input ends the run: one line naming it, exit status 2 (as for a bad flag)."""
+    print(f"grpo_vl.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
     """data.load_examples, before any model is loaded: a missing or unreadable file, bad JSON, an unknown
     schema or a bad row (for SFT also a row with nothing to learn from) ends the run: one line, exit 2."""
@@ -931,8 +952,7 @@ def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
             raise ValueError(f"data set {spec!r}, row {bad[0]}: {why}")
         return exs
     except (ValueError, OSError) as e:
-        print(f"grpo_vl.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(e)
 
 
 def within_prompt_cap(exs, spec, args, processor):
@@ -946,9 +966,7 @@ def within_prompt_cap(exs, spec, args, processor):
         if n <= args.max_prompt_tokens:
             kept.append(ex)
         elif not args.skip_bad_rows:
-            bad = data.BadRow(spec, ex["row"], "question", f"{n} tokens > --max-prompt-tokens")
-            print(f"grpo_vl.py: error: {bad}", file=sys.stderr)
-            raise SystemExit(2)
+            fail(data.BadRow(spec, ex["row"], "question", f"{n} tokens > --max-prompt-tokens"))
     if len(kept) < len(exs):
         print(f"{spec}: skipped {len(exs) - len(kept)} rows whose prompts are over --max-prompt-tokens")
     return kept
@@ -961,11 +979,7 @@ TINY_TEMPLATE = (  # Qwen2-VL's chat template, minus the default system turn
     "{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
-
-
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"] + VISION_TOKENS  # Qwen2-VL's
 
 
@@ -990,7 +1004,9 @@ def build_tiny(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
     )
     ids = tok.convert_tokens_to_ids
     special = dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"], ids("<|endoftext|>"))
-    hd = hidden // 4  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3: [16, 24, 24]
+    hd = (
+        hidden // 4
+    )  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3 (2B: 16, 24, 24)
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}
     vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2)  # patch 14, merge 2
     if qwen25:  # the 2.5 tower names its sizes differently and adds windowed attention

@@ -93,6 +93,30 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypat
     assert json.load(open(os.path.join(out, "checkpoint", "progress.json")))["step"] == 3
 
 
+def test_a_run_repeated_in_the_same_out_and_runs_that_cannot_start(tmp_path, capsys):
+    """A run started again in the same --out (no --resume) replaces its checkpoint instead of dying at the
+    final save on the folder already there, and a checkpoint.tmp link left by a kill is replaced too. An SFT
+    checkpoint resumed with SFT off, and fewer rows than one step's prompts, are clear errors (exit 2)."""
+    out = str(tmp_path / "o")
+    sft_only = ["--model", "tiny", "--data", "synthetic:8", "--sft-only", "--sft-steps", "1", "--out", out]
+    g.main(sft_only)
+    first = os.path.getmtime(os.path.join(out, "checkpoint", "progress.json"))
+    os.symlink("nowhere", os.path.join(out, "checkpoint.tmp"))
+    g.main(sft_only)
+    assert os.path.realpath(os.path.join(out, "checkpoint")).endswith("sft-000001")
+    assert os.path.getmtime(os.path.join(out, "checkpoint", "progress.json")) > first
+    for argv, message in [
+        (["--data", "synthetic:8", "--out", out, "--resume"], "OUT/checkpoint is an SFT checkpoint"),
+        (
+            ["--data", "synthetic:3", "--out", str(tmp_path / "p")],
+            "3 usable rows, fewer than --prompts-per-step 4",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            g.main(["--model", "tiny", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_skip_bad_rows_counts_them_by_reason(tmp_path, capsys):
     import datasets
     from PIL import Image

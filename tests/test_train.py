@@ -294,6 +294,7 @@ def test_policy_epochs_no_reference_and_token_mean(tmp_path, flags, check):
         (["--num-generations", "1"], "at least 2"),
         (["--loss-agg", "mean"], "--loss-agg 'mean'"),
         (["--freeze", "everything"], "--freeze 'everything'"),
+        (["--sft-only"], "--sft-only needs --sft-epochs or --sft-steps"),
     ],
 )
 def test_bad_flags_exit_2_with_one_clear_line(argv, message, capsys):
