@@ -263,9 +263,7 @@ def rollout(model, processor, exs, args, eos, banned, device, seed):
             groups = torch.arange(len(chunk)).repeat_interleave(G)  # 0,0,..,0, 1,1,..: never .repeat (I3)
             b = take(encode(processor, chunk, args), groups)  # (P*G, L)
             b["idx"] = torch.arange(start * G, (start + len(chunk)) * G)
-            torch.manual_seed(
-                seed + start
-            )  # with --gen-batch 1: the prompt's global index, not the rank count
+            torch.manual_seed(seed + start)  # --gen-batch 1: the prompt's global index, not the rank count
             with shared_vision(b, args, model):  # the prefill encodes each prompt's image once
                 seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
             b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (P*G, C)
