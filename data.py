@@ -101,6 +101,8 @@ def check_images(ex, i, name):
                 Image.open(im.removeprefix("file://")).close()
         except Exception as e:  # any failure to read it is this row's fault
             raise BadRow(name, i, "image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
+        if not isinstance(im, (str, Image.Image)):
+            raise BadRow(name, i, "image", f"not a path, URL, bytes or image ({type(im).__name__})")
 
 
 def row_images(row, i, name):
@@ -119,15 +121,28 @@ def row_images(row, i, name):
 def without_slots(text, images, i, name):
     """The text without its <image> placeholders (the prompt places the images): none, or one per image."""
     if text.count("<image>") not in (0, len(images)):
-        raise BadRow(name, i, "images", f"{len(images)} images for {text.count('<image>')} <image> slots")
+        raise BadRow(
+            name, i, "images", f"images and <image> slots differ ({len(images)} and {text.count('<image>')})"
+        )
     return text.replace("<image>", "").strip()
 
 
-def key_steps(row):
-    """R1-VL's {"Steps": [[forms of step 1], ...]} (a dict or its JSON text) -> [[forms], ...]."""
-    ks = row.get("key_steps")
-    ks = json.loads(ks) if isinstance(ks, str) and ks.strip() else ks
-    return [list(forms) for forms in (ks or {}).get("Steps") or []]
+def from_text(value, i, name, column):
+    """A list or dict column as it is, or as the JSON text a CSV cell (or a JSON export) holds."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else None
+    except json.JSONDecodeError as e:
+        raise BadRow(name, i, column, f"not valid JSON ({e.msg})") from None
+
+
+def key_steps(row, i, name):
+    """R1-VL's {"Steps": [[forms of step 1], ...]} -> [[forms], ...]; a step given as a string is one form."""
+    ks = from_text(row.get("key_steps"), i, name, "key_steps") or {}
+    if not isinstance(ks, dict) or not isinstance(ks.get("Steps") or [], list):
+        raise BadRow(name, i, "key_steps", 'expected {"Steps": [[forms of step 1], ...]}')
+    return [[forms] if isinstance(forms, str) else list(forms) for forms in ks.get("Steps") or []]
 
 
 def from_plain(row, i, name):
@@ -146,11 +161,16 @@ def from_plain(row, i, name):
     answer = "" if answer is None else str(answer).strip()
     if not answer:
         raise BadRow(name, i, "answer", f"no answer (nor a '{FINAL}' line in a solution)")
-    choices = [str(c) for c in row.get("choices") or []] or None
+    choices = from_text(row.get("choices"), i, name, "choices") or None
+    if choices is not None and not (isinstance(choices, list) and len(choices) <= len(LETTERS)):
+        raise BadRow(
+            name, i, "choices", f"expected a list of at most 26 options (got {type(choices).__name__})"
+        )
+    choices = [str(c) for c in choices] if choices else None
     if choices and answer not in choices:  # then it is a letter: "B" or "(B)"
         letter = answer.strip("() ").upper()
         if len(letter) != 1 or not 0 <= LETTERS.find(letter) < len(choices):
-            raise BadRow(name, i, "answer", f"{answer!r} is neither one of the choices nor a letter of one")
+            raise BadRow(name, i, "answer", f"neither one of the choices nor a letter of one ({answer!r})")
         answer = choices[LETTERS.index(letter)]
     if choices and f"(A) {choices[0]}" not in question:  # list them as CV-Bench does, unless it does already
         question = with_choices(question, choices)
@@ -162,7 +182,7 @@ def from_plain(row, i, name):
         "task": row.get("task") or "untagged",
         "source": row.get("source") or name,
         "solution": solution,
-        "key_steps": key_steps(row),
+        "key_steps": key_steps(row, i, name),
     }
 
 
@@ -206,11 +226,13 @@ def from_sat(row, i, name, rng):
     if not row.get("correct_answer"):
         raise BadRow(name, i, "correct_answer", "no answer")
     options = rng.sample(list(row["answers"]), len(row["answers"]))
+    if str(row["correct_answer"]) not in [str(o) for o in options]:
+        raise BadRow(name, i, "correct_answer", f"not one of the answers ({row['correct_answer']!r})")
     q = f"{row['question']} Choose between the following options: {', '.join(options[:-1])} or {options[-1]}"
     return {
         "images": list(row["image_bytes"]),
         "question": q,
-        "answer": row["correct_answer"],
+        "answer": str(row["correct_answer"]),
         "choices": None,
         "task": "SAT",
         "source": "SAT",
@@ -262,7 +284,21 @@ def read_table(spec, split):
             e = e.__cause__  # what went wrong inside datasets' generic wrapper
         first_line = str(e).partition("\n")[0]
         raise ValueError(f"data set {spec!r}: cannot load it ({type(e).__name__}: {first_line})") from None
-    return ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only/first one
+    if split not in ds and len(ds) > 1:  # never evaluate on the training split by mistake
+        raise ValueError(f"data set {spec!r}: no {split!r} split (it has {', '.join(ds)})")
+    return ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only one
+
+
+def example(adapter, row, i, name):
+    """One row through its adapter, its images checked. A missing column or a value of a type the adapter
+    does not expect (a number for a text, a string for a list) is a bad row like any other."""
+    try:
+        ex = adapter(row, i, name)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        why = f"a missing column or a value of the wrong type ({type(e).__name__}: {e})"
+        raise BadRow(name, i, "row", why) from None
+    check_images(ex, i, name)
+    return {**ex, "row": i}
 
 
 def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
@@ -270,7 +306,7 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
     rows used are read (SAT's single-image ones; a seeded sample of max_rows, 0: all), images only when
     batched. A bad row stops the load (data set, row, column named); skip_bad skips and counts it."""
     ext = os.path.splitext(spec)[1]
-    if spec.startswith("synthetic"):
+    if spec == "synthetic" or spec.startswith("synthetic:"):
         n, tasks = (spec + "::").split(":")[1:3]  # N and the tasks may be left out
         tasks = tasks.split(",") if tasks else TASKS
         if bad := [t for t in tasks if t not in TASKS + ("Color",)]:
@@ -317,9 +353,7 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0):
         )
     for i, row in zip(keep, rows):
         try:
-            ex = adapter(row, i, spec)
-            check_images(ex, i, spec)
-            out.append({**ex, "row": i})
+            out.append(example(adapter, row, i, spec))
         except BadRow as e:
             if not skip_bad:
                 raise

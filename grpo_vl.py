@@ -944,9 +944,13 @@ def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
     schema or a bad row (for SFT also a row with nothing to learn from) ends the run: one line, exit 2."""
     try:
         exs = data.load_examples(spec, which, args.seed, args.skip_bad_rows, max_rows)
-        bad = [ex["row"] for ex in exs if sft and not (ex.get("solution") or ex.get("target"))]
-        if bad:
+        if sft:
+            bad = [ex["row"] for ex in exs if not (ex.get("solution") or ex.get("target"))]
             why = "no 'solution' or assistant turn to learn from"
+        else:
+            bad = [ex["row"] for ex in exs if ex["answer"] is None]
+            why = "no answer to reward (chat rows are SFT data)"
+        if bad:
             raise ValueError(f"data set {spec!r}, row {bad[0]}: {why}")
         return exs
     except (ValueError, OSError) as e:

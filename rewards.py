@@ -64,9 +64,9 @@ def parse_number(s):
             v = v + term() if take() == "+" else v - term()
         return v
 
-    def term():  # term := factor (('*'|'/'|implicit) factor)*   -- "2\sqrt{3}" is 2*sqrt(3)
+    def term():  # term := factor (('*'|'/'|implicit) factor)*: "2\sqrt{3}" is 2*sqrt(3), "1.2.3" no number
         v = factor()
-        while peek() is not None and peek() not in ("+", "-", ")", "}"):
+        while peek() in ("*", "/", "(", "{", "\\sqrt", "\\frac"):
             op = take() if peek() in ("*", "/") else "*"
             v = v * factor() if op == "*" else v / factor()
         return v
@@ -98,7 +98,11 @@ def answers_equal(pred, gold):
     if p == g:
         return True
     x, y = parse_number(p), parse_number(g)
-    return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+    if x is None or y is None:
+        return False
+    if x.is_integer() and y.is_integer():  # counts, years: 1000000 is not 1000001, whatever the tolerance
+        return x == y
+    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
 
 
 LETTER = re.compile(r"\(?([a-z])\)?[.:)]?")  # "a", "(a)", "a.", "a)"
@@ -107,12 +111,14 @@ LETTER_AND_TEXT = re.compile(r"\(?([a-z])[.:)]\s*(.{1,200})")  # "(a) left", "a.
 
 def is_correct(pred, ex):
     """R1 equality. With lettered choices (CV-Bench style) the letter or the option's text counts."""
-    if pred is None:
+    if pred is None or ex.get("answer") is None:
         return False
     if answers_equal(pred, ex["answer"]):
         return True
     choices = ex.get("choices") or []
-    if ex["answer"] not in choices:
+    if ex["answer"] not in choices or len(choices) > 26:
+        return False
+    if any(LETTER.fullmatch(normalize(c)) for c in choices):  # options that are letters: their text alone
         return False
     gold_letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(ex["answer"])]
     p = normalize(pred)

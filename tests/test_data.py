@@ -233,7 +233,7 @@ def test_plain_rows_any_image_and_question_column_letters_and_relative_paths(tmp
         {**e, "source": str(tmp_path / "plain.json")} for e in exs
     ]
     path.write_text(json.dumps({**rows[0], "choices": ["x", "y"], "answer": "C"}))
-    with pytest.raises(ValueError, match="row 0, column 'answer': 'C' is neither one of the choices"):
+    with pytest.raises(ValueError, match="row 0, column 'answer': neither one of the choices nor a letter of one \('C'\)"):
         load_examples(str(path), "train")
 
 

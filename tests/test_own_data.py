@@ -164,3 +164,79 @@ def test_the_readmes_jsonl_examples_load(tmp_path):
         exs = data.load_examples(str(tmp_path / f"{j}.jsonl"), "train")
         assert len(exs) == 2 and all(os.path.exists(im) for ex in exs for im in ex["images"])
         assert all(ex.get("answer") or ex.get("target") for ex in exs)
+
+
+def test_rows_of_the_wrong_shape_are_bad_rows_named_by_column(tmp_path):
+    """A value of an unexpected type is a bad row naming its column (never a traceback, never split into
+    characters), counted by --skip-bad-rows under one reason whatever the value."""
+    write_plain(tmp_path)
+    img = {"image": "img/red.png", "question": "q"}
+    cases = [
+        ({**img, "answer": "B", "choices": "red, blue"}, "column 'choices': not valid JSON"),
+        ({**img, "answer": "x", "choices": [str(j) for j in range(27)]}, "column 'choices': expected a list"),
+        ({**img, "answer": "1", "key_steps": [["a"]]}, "column 'key_steps': expected {\"Steps\""),
+        ({**img, "answer": "1", "key_steps": "{not json"}, "column 'key_steps': not valid JSON"),
+        (
+            {"image": 5, "question": "q", "answer": "1"},
+            "column 'image': not a path, URL, bytes or image (int)",
+        ),
+        (
+            {"images": [None], "question": "q", "answer": "1"},
+            "column 'image': not a path, URL, bytes or image",
+        ),
+        ({**img, "solution": 5}, "column 'row': a missing column or a value of the wrong type (TypeError"),
+        (
+            {"image_bytes": ["x"], "question": "q", "answers": ["a", "b"], "correct_answer": "zzz"},
+            "column 'correct_answer': not one of the answers ('zzz')",
+        ),
+    ]
+    for j, (row, message) in enumerate(cases):
+        path = tmp_path / f"case{j}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"row 0, {message}")):
+            data.load_examples(str(path), "train")
+    # CSV cells and JSON exports hold lists as JSON text; a key step given as one string is one form
+    path = tmp_path / "text.jsonl"
+    steps = json.dumps({"Steps": ["area is 12", ["x", "y"]]})
+    path.write_text(
+        json.dumps({**img, "answer": "B", "choices": '["red", "blue"]', "key_steps": steps}) + "\n"
+    )
+    ex = data.load_examples(str(path), "train")[0]
+    assert ex["choices"] == ["red", "blue"] and ex["answer"] == "blue"
+    assert ex["key_steps"] == [["area is 12"], ["x", "y"]]
+    # two wrong letters, one reason
+    path = tmp_path / "letters.jsonl"
+    path.write_text("".join(json.dumps({**img, "choices": ["a", "b"], "answer": x}) + "\n" for x in "CD"))
+    with pytest.raises(ValueError, match="no usable rows"):
+        data.load_examples(str(path), "train", skip_bad=True)
+
+
+def test_a_file_named_synthetic_and_a_missing_split_and_chat_rows_for_rl(tmp_path, monkeypatch, capfd):
+    """A data file whose name starts with 'synthetic' is read, not replaced by the synthetic task; asking
+    for a split a multi-split set does not have is an error, not its training split; chat rows (no answer)
+    are SFT data: as RL data they end the run with exit 2 instead of crashing a reward."""
+    import datasets
+
+    write_plain(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic_mine.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    assert [ex["answer"] for ex in data.load_examples("synthetic_mine.jsonl", "train")] == ["red"]
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        datasets.Dataset.from_list([{"question": split, "answer": "1"}]).to_parquet(
+            folder / f"{split}.parquet"
+        )
+    assert data.read_table(str(folder), "validation")[0]["question"] == "validation"
+    with pytest.raises(ValueError, match="no 'test' split \\(it has train, validation\\)"):
+        data.read_table(str(folder), "test")
+    chat = {
+        "image": "img/red.png",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    }
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    with pytest.raises(SystemExit) as e:
+        g.main(["--model", "tiny", "--data", "chat.jsonl", "--out", str(tmp_path / "o")])
+    assert (
+        e.value.code == 2 and "row 0: no answer to reward (chat rows are SFT data)" in capfd.readouterr().err
+    )

@@ -164,3 +164,18 @@ def test_hostile_completions_never_raise_and_stay_fast(i):
 def test_deep_nesting_does_not_recurse_out():
     assert R.parse_number("(" * 49 + "1" + ")" * 49) == 1.0
     assert R.parse_number("(" * 60 + "1" + ")" * 60) is None  # over the length cap: not parsed at all
+
+
+def test_r1_never_credits_what_it_cannot_tell_apart():
+    """Options that are letters themselves: only their text counts (else "B" would score as the letter of
+    "A"); more than 26 options or no gold (a chat row) give 0, not an exception; integers compare exactly
+    (a relative tolerance made 1000000 equal 1000001); two numbers side by side are not a product."""
+    letters = {"answer": "A", "choices": ["B", "A"]}
+    assert R.accuracy("<answer>A</answer>", letters) == 1.0
+    assert R.accuracy("<answer>B</answer>", letters) == 0.0
+    many = {"answer": "o26", "choices": [f"o{j}" for j in range(27)]}
+    assert R.accuracy("<answer>x</answer>", many) == 0.0 and R.accuracy("<answer>o26</answer>", many) == 1.0
+    assert R.accuracy("<answer>2</answer>", {"answer": None, "choices": None}) == 0.0
+    assert not R.answers_equal("1000000", "1000001") and R.answers_equal("1000000", "1e6") is False
+    assert R.answers_equal("1000000", "1000000.0")
+    assert not R.answers_equal("1.2.3", "0.36") and R.answers_equal("2(3)", "6")

@@ -308,7 +308,7 @@ def test_stepwise_and_chat_rows(tmp_path):
             }
         ]
     ).to_json(bad)
-    with pytest.raises(ValueError, match="row 0, column 'images': 2 images for 1 <image> slots"):
+    with pytest.raises(ValueError, match="row 0, column 'images': images and <image> slots differ \(2 and 1\)"):
         data.load_examples(bad, "train")
 
 
