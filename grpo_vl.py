@@ -1,34 +1,24 @@
 """grpo-vl: GRPO reinforcement learning for vision-language models (Qwen2-VL / Qwen2.5-VL), in plain PyTorch.
 
-GRPO in five lines: for each prompt (image + question) sample a group of G completions; score each with
-rule-based rewards (G1); the advantage of a completion is its reward standardised within its group (G2) --
-no value network; maximise the PPO-style clipped ratio objective (G3, G5) minus beta times a k3 estimate
-of the KL to the frozen starting model (G4), averaged per sequence (G6).
+GRPO (DeepSeekMath, arXiv 2402.03300, section 4.1): for each prompt q (an image and a question) sample a
+group of G completions o_1..o_G; score each with rule-based rewards; the advantage of every token of o_i is
+o_i's reward standardised within its group, so no value network is needed; then maximise PPO's clipped
+objective minus beta times an estimate of the KL divergence to the frozen starting model.
 
-Run it:
-    python grpo_vl.py --variant r1zero --model tiny --data synthetic --max-steps 20   # laptop CPU, seconds
+Run it (README.md has a laptop run on a tiny model, and the real recipes):
     python grpo_vl.py --variant r1zero                                                # one GPU
     torchrun --nproc_per_node=4 grpo_vl.py --variant stepgrpo --data D --sft-data S   # 4 GPUs, FSDP2
-    python grpo_vl.py --eval --model runs/grpo/checkpoint --eval-data nyu-visionx/CV-Bench   # protocol E
-
-Labels in comments (README.md's "Labels" table gives each one's paper and equation):
-    G1-G9  the GRPO equations: G1 reward sum, G2 group advantage, G3 ratio, G4 k3 KL, G5 clipped
-           objective, G6 aggregation, G7 policy epochs, G8 temperature, G9 completion mask
-    R1-R7  the rewards (rewards.py): R1 accuracy, R2 format, R3 length, R4 StepRAR, R5 StepRVR,
-           R6 HFRRF, R7 reflection rate (a metric)
-    P1-P4  the prompts (data.py): P1 base model, P2 instruct, P3 step-wise, P4 Vision-R1
-    I1-I10 implementation details peers got wrong: I1 one temperature, I2 left padding, I3 pixel rows,
-           I4 no cut prompts, I5 no vision tokens sampled, I6 mm_token_type_ids, I7 logits only where
-           needed, I8 groups aligned, I9 FSDP2 units, I10 loadable checkpoints
-    table V the variants (VARIANTS below); protocol E the evaluation; PTST Vision-R1's staged RL
+    python grpo_vl.py --eval --model runs/grpo/checkpoint --eval-data nyu-visionx/CV-Bench
 
 Deliberate simplifications:
- 1. Rollouts use transformers' generate (KV cache) with the FSDP parameters gathered once per rollout,
-    not a separate inference engine (vLLM): slower, but one model, one set of weights, nothing to sync.
- 2. Every rank loads the full model on CPU before sharding: host RAM = ranks x model size.
- 3. With mu > 1 every policy epoch uses the whole rollout batch (no minibatch shuffling, as the papers).
- 4. Gradients are reduce-scattered after every micro-batch (correct, a little more communication).
+ 1. Rollouts use transformers' generate (KV cache) with the FSDP parameters gathered once per rollout, not
+    a separate inference engine (vLLM): slower, but one model and one set of weights, nothing to sync.
+ 2. One generate() call per prompt (its G completions), so sampling does not depend on the rank count.
+ 3. Every rank loads the full model on CPU before sharding: host RAM = ranks x model size.
+ 4. With mu > 1 every policy epoch uses the whole rollout batch (no minibatch shuffling, as the papers).
  5. Logged means over ranks are means of per-rank means (equal counts per rank); trajectories are rank 0's.
+The labels in comments (G1-G9 the GRPO equations, R1-R7 the rewards, P1-P4 the prompts, I1-I10 details
+peers got wrong) are indexes into README.md's "Labels" table; each line also says its formula and source.
 """
 
 import argparse
@@ -39,16 +29,16 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import transformers as tf
 import torch.distributed.checkpoint as dcp
+import transformers as tf
 from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -58,79 +48,64 @@ import data
 import rewards as R
 
 
-# =================================================================== arguments and variants (table V)
-def flag(default, help):
-    """A dataclass field whose metadata carries its --help text."""
-    return field(default=default, metadata={"help": help})
+# ================================================================================ 1. flags and recipes
+def flag(default, help, choices=None):
+    """A dataclass field whose metadata carries its --help text (and its allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Args:
-    """Every flag: `--name-with-dashes`, with its help text; the variant (table V) sets the defaults."""
+    """Every flag, as `--name-with-dashes`. These defaults are r1zero's; VARIANTS changes them per recipe."""
 
-    variant: str = flag("r1zero", "recipe (table V): r1zero | grpo | stepgrpo | vision-r1; sets the defaults")
-    model: str = flag("Qwen/Qwen2-VL-2B", "Qwen2-VL / 2.5-VL hub id or folder; tiny, tiny-2.5: offline")
-    data: str = flag("array/SAT", "hub id, folder, .json(l)/.parquet/.csv file, or synthetic[:N[:Tasks]]")
-    max_rows: int = flag(0, "a seeded sample of this many --data rows (SAT: single-image ones); 0 = all")
-    eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data (protocol E), same forms as --data")
-    out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval_*.json")
-    prompt: str = flag("base", "base (P1, no chat template) | instruct (P2) | step (P3) | plain (P4)")
-    rewards: str = flag(
-        "accuracy,format", "G1: accuracy (R1) format (R2) step_accuracy, step_validity (R4, R5) hard_format"
-    )
-    length_bonus: float = flag(0.0, "R3: reward per completion token (0.001 in the VisualThinker ablation)")
-    alpha: float = flag(0.1, "R4 StepRAR: weight of the share of matched key steps")
+    variant: str = flag("r1zero", "the recipe (r1zero, grpo, stepgrpo, vision-r1): sets the other defaults")
+    model: str = flag("Qwen/Qwen2-VL-2B", "a Qwen2-VL / Qwen2.5-VL hub id or model folder")
+    data: str = flag("array/SAT", "RL data: a hub id, a data set folder, or a .json(l)/.parquet/.csv file")
+    max_rows: int = flag(15000, "use a seeded sample of this many --data rows; 0 = all")
+    eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data, in the same forms as --data")
+    out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval*.json")
+    rewards: str = flag("accuracy,format", "the rewards summed (G1), from: " + ", ".join(R.REWARDS))
+    length_bonus: float = flag(0.0, "R3: reward per completion token (0.001 in VisualThinker's ablation)")
     num_generations: int = flag(8, "G: completions sampled per prompt")
     prompts_per_step: int = flag(8, "prompts per optimizer step, summed over all ranks")
-    temperature: float = flag(1.0, "T: sampling temperature, also applied to every log-prob (G8)")
-    max_new_tokens: int = flag(700, "cap on completion length during training")
-    ptst: str = flag("", "PTST stages 'tokens:G:steps,...': cap and G per stage; replaces --max-steps")
-    lr: float = flag(1e-6, "AdamW learning rate, decayed linearly to 0")
-    beta: float = flag(0.04, "KL coefficient (G4/G5); 0 loads no reference model")
+    temperature: float = flag(1.0, "T: sampling temperature, applied to every log-prob too (G8)")
+    max_new_tokens: int = flag(700, "cap on a completion's length during training")
+    ptst: str = flag("", "Vision-R1's PTST stages 'tokens:G:steps,...'; replaces the two flags above")
+    lr: float = flag(1e-6, "RL learning rate (AdamW, no weight decay), decayed linearly to 0")
+    beta: float = flag(0.04, "KL coefficient (G4); 0 loads no reference model")
     mu: int = flag(1, "policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached")
-    eps: float = flag(0.2, "clip range of the ratio (G5)")
-    loss_agg: str = flag("seq", "seq: per completion, then mean (G6, papers) | token: over all tokens (DAPO)")
-    max_grad_norm: float = flag(1.0, "gradient-norm clip")
-    epochs: int = flag(2, "passes over the training data (when --max-steps is 0)")
-    max_steps: int = flag(
-        0, "RL steps (a rollout, then --mu policy epochs); 0 = --epochs passes over the data"
-    )
-    sft_data: str = flag("", "SFT data (rows with a solution, or chat rows); r1zero/grpo: empty = --data")
-    sft_epochs: int = flag(0, "SFT passes over --sft-data before RL; 0 = no SFT (unless --sft-steps)")
-    sft_steps: int = flag(0, "SFT optimizer steps (overrides --sft-epochs)")
-    sft_only: bool = flag(False, "run the SFT phase, write OUT/checkpoint and stop")
-    sft_lr: float = flag(2e-5, "SFT peak learning rate (cosine schedule after a linear warm-up)")
+    epochs: int = flag(2, "RL passes over --data (when --max-steps is 0)")
+    max_steps: int = flag(0, "RL steps (a rollout, then --mu policy epochs); 0 = --epochs passes")
+    sft_data: str = flag("", "SFT data: rows with a solution or an answer, or chat rows")
+    sft_epochs: int = flag(0, "SFT passes over --sft-data before RL; 0 = no SFT")
+    sft_only: bool = flag(False, "stop after the SFT phase (OUT/checkpoint holds its model)")
+    sft_lr: float = flag(2e-5, "SFT peak learning rate (linear warm-up, then cosine decay)")
     sft_warmup: float = flag(0.03, "share of the SFT steps spent warming the learning rate up")
     sft_weight_decay: float = flag(0.05, "AdamW weight decay during SFT")
     sft_batch: int = flag(8, "SFT examples per optimizer step, summed over all ranks")
-    max_prompt_tokens: int = flag(0, "longer prompts are bad rows, never cut (image tokens, I4); 0 = no cap")
     max_pixels: int = flag(401408, "images are resized (qwen-vl-utils) to at most this many pixels")
     micro_batch: int = flag(8, "sequences per forward/backward pass (gradients accumulate within a step)")
-    precision: str = flag("auto", "bf16 | fp32 compute over fp32 master weights; auto: bf16 on GPU")
-    gradient_checkpointing: bool = flag(True, "recompute activations in the backward (off for tiny)")
-    gen_batch: int = flag(0, "prompts per generate() call (0: all of a rank's; 1: rank-count free)")
-    vision_sharing: bool = flag(True, "each distinct image through the vision tower once, not G times")
-    freeze: str = flag("", "'vision' or 'llm': stop their gradients (the r1zero ablations)")
-    seed: int = flag(0, "seed of the data order, the tiny model and the rollouts")
-    save_every: int = flag(0, "checkpoint every N steps (and at the end of each phase); 0 = at the ends only")
-    eval_every: int = flag(0, "evaluate on --eval-data every N steps and at the end; 0 = never")
-    eval: bool = flag(False, "evaluate --model on --eval-data (protocol E), write OUT/eval.json and exit")
-    eval_max_new_tokens: int = flag(1024, "greedy decoding cap for evaluation (protocol E)")
+    precision: str = flag("auto", "bf16 or fp32 compute (auto: bf16 on GPU)", ("auto", "bf16", "fp32"))
+    gradient_checkpointing: bool = flag(True, "recompute activations in the backward pass (saves memory)")
+    freeze: str = flag("", "freeze the vision tower or the LLM (r1zero ablations)", ("", "vision", "llm"))
+    seed: int = flag(0, "seed of the data order and the sampling")
+    save_every: int = flag(0, "checkpoint every N steps, and at the end of each phase")
+    eval_every: int = flag(0, "evaluate on --eval-data at the start of RL, every N steps and at the end")
+    eval: bool = flag(False, "only evaluate --model on --eval-data (greedy), write OUT/eval.json")
+    eval_max_new_tokens: int = flag(1024, "cap on a completion's length during evaluation")
     log_completions_every: int = flag(10, "write completions and rewards to OUT/trajectories/ every N steps")
     resume: bool = flag(False, "continue from OUT/checkpoint: weights, optimizer, schedule, phase, step")
-    keep: int = flag(2, "checkpoints kept in OUT/checkpoints/, 0 = all (OUT/checkpoint links to the newest)")
-    skip_bad_rows: bool = flag(False, "skip unusable data rows, counted by reason, instead of stopping")
-    trust_remote_code: bool = flag(False, "run code shipped with a model (off: safetensors weights only)")
+    skip_bad_rows: bool = flag(False, "skip unusable data rows (counted by reason) instead of stopping")
 
 
-# Table V: each variant's defaults, as changes to the Args defaults above (which are r1zero's, but for the
-# data sample). A flag given on the command line wins over both.
+# Table V: what each recipe changes in the defaults above (flags given on the command line win).
 VARIANTS = {
-    "r1zero": dict(max_rows=15000),  # VisualThinker-R1-Zero: base model, P1, R1 + R2, G 8, T 1.0, 700 tokens
-    "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct", prompt="instruct", max_rows=15000),  # the baseline, P2
-    "stepgrpo": dict(  # R1-VL: warm-up SFT, then StepGRPO
+    # VisualThinker-R1-Zero (arXiv 2503.05132): the base model, prompt P1, R1 + R2, G 8, T 1.0, 700 tokens,
+    # 2 epochs over a seeded 15K sample of SAT's single-image rows (the release used SAT_train_15000.json)
+    "r1zero": dict(),
+    "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct"),  # the plain GRPO baseline: the Instruct model, P2
+    "stepgrpo": dict(  # R1-VL (arXiv 2503.12937): warm-up SFT on step-wise CoT, then StepGRPO
         model="Qwen/Qwen2-VL-2B-Instruct",
-        prompt="step",
         rewards="step_accuracy,step_validity",
         num_generations=4,
         temperature=1.2,
@@ -138,42 +113,41 @@ VARIANTS = {
         max_pixels=400000,
         prompts_per_step=4,  # the paper's batch size 4
         data="",
+        max_rows=0,
         sft_epochs=2,
         sft_lr=1e-5,  # the paper's, for 2B (5e-6 for 7B); the released config used 2e-5
         sft_batch=128,
     ),
-    "vision-r1": dict(  # Vision-R1: cold-start SFT, then GRPO under PTST
+    "vision-r1": dict(  # Vision-R1 (arXiv 2503.06749): cold-start SFT, then GRPO with R6 under PTST
         model="Qwen/Qwen2.5-VL-7B-Instruct",
-        prompt="plain",
         rewards="hard_format",
         ptst="4096:16:100,8192:8:100",  # 100 steps per stage is our default, not a published number
         data="",
+        max_rows=0,
         sft_epochs=2,
         sft_lr=5e-6,
         sft_warmup=0.05,
         sft_weight_decay=0.0,
         sft_batch=32,
-        micro_batch=2,  # sequences of up to 9,000 tokens on a 7B model: see the README's memory section
+        micro_batch=2,  # sequences of up to 9,000 tokens on a 7B model: see tests/README.md's memory section
     ),
 }
-# --model tiny: a laptop run -- short completions, few prompts, offline data, an SFT lr a 0.2M model notices
-TINY = dict(
-    data="synthetic",
-    eval_data="synthetic:64",
-    max_new_tokens=96,
-    prompts_per_step=4,
-    eval_max_new_tokens=96,
-    sft_lr=1e-2,
-    sft_batch=8,
-    gradient_checkpointing=False,
-)
+# The prompt each recipe asks with (data.py): P1 the base model's, P2 an Instruct model's, P3 step-wise
+# sections (R1-VL), P4 the question alone (Vision-R1, whose format the cold-start SFT teaches).
+PROMPT = {"r1zero": "base", "grpo": "instruct", "stepgrpo": "step", "vision-r1": "plain"}
+EPS = 0.2  # the clip range epsilon of G5: DeepSeekMath's and the three papers' released value
+MAX_GRAD_NORM = 1.0  # gradient-norm clip, as the papers' released code
 
 
-# ============================================================================ the GRPO math
+# ================================================================================ 2. the GRPO math
+# DeepSeekMath (arXiv 2402.03300) Eq. 3, the objective maximised, for a prompt q and its group o_1..o_G:
+#   J(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta D_it ]
+# with rho_it the probability ratio of token t of o_i under pi_theta and pi_old (the sampling policy), A_i
+# the group-relative advantage, and D_it an estimate of KL(pi_theta || pi_ref) against the frozen start.
 def completion_mask(completion, eos):
-    """G9: a completion counts up to and including its first EOS; what follows is padding.
-    Returns the mask (N, C) and which completions hit the length cap (N,)."""
-    is_eos = torch.isin(completion, torch.tensor(eos))
+    """G9: a completion's tokens count up to and including its first EOS; the padding after it never counts.
+    Returns the mask (N, C) and which completions hit the length cap without an EOS (N,)."""
+    is_eos = torch.isin(completion, torch.tensor(eos))  # (N, C)
     C = completion.shape[1]
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)  # (N,) index of the first EOS
     return (torch.arange(C)[None] <= first[:, None]).float(), ~is_eos.any(1)
@@ -183,9 +157,10 @@ LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 51
 
 
 def token_logprobs(model, b, T, banned, device):
-    """log pi(o_t | q, o_<t) of each completion token, from logits / T with the sampling-time banned
-    tokens removed: exactly the distribution the token was drawn from (G8). Returns (N, C)."""
-    comp = b["completion"].to(device)
+    """log pi(o_t | q, o_<t) of every completion token, (N, C). G8: from the logits divided by the sampling
+    temperature T, with the tokens generation may not sample removed: exactly the distribution each token
+    was drawn from, so rho and D compare the probabilities of what was really sampled."""
+    comp = b["completion"].to(device)  # (N, C)
     N, C = comp.shape
     out = model(
         input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
@@ -193,13 +168,13 @@ def token_logprobs(model, b, T, banned, device):
         mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
         pixel_values=b["pixel_values"].to(device),
         image_grid_thw=b["image_grid_thw"].to(device),
-        logits_to_keep=1,  # the model's own logits: one position; ours are below
+        logits_to_keep=1,  # the model's own logits at one position only; ours are computed below
         output_hidden_states=-1,  # an index, not a bool: the last layer's (normed) states only
         use_cache=False,
     )
-    h = out.hidden_states[-1][:, -C - 1 : -1].reshape(N * C, -1)  # (N*C, H): the states that predict o_1..o_C
+    h = out.hidden_states[-1][:, -C - 1 : -1].reshape(N * C, -1)  # (N*C, H): the states predicting o_1..o_C
     o = comp.reshape(N * C)
-    # I7: logits at completion positions only, LOGPROB_CHUNK tokens at a time, and recomputed in the backward
+    # I7: logits at completion positions only, LOGPROB_CHUNK tokens at a time, recomputed in the backward
     # (checkpoint) rather than kept: at 151,936 entries an (N, C, V) fp32 logits tensor is most of the memory.
     logp = []
     for s in range(0, N * C, LOGPROB_CHUNK):
@@ -211,270 +186,326 @@ def token_logprobs(model, b, T, banned, device):
 
 
 def chunk_logprobs(lm_head, h, o, T, banned):
-    """log-softmax of logits / T at n positions, read at the tokens o: (n, H), (n,) -> (n,)."""
-    logits = lm_head(h).float() / T  # (n, V)
+    """log softmax(logits / T)[o] at n positions: (n, H), (n,) -> (n,)."""
+    logits = lm_head(h).float() / T  # (n, V) G8: z / T
     logits[:, banned] = float("-inf")  # never sampled (I5), so not part of the distribution either
-    return logits.gather(-1, o[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return logits.gather(-1, o[:, None]).squeeze(-1) - logits.logsumexp(-1)  # z_o/T - log sum_v exp(z_v/T)
 
 
 def group_advantages(r, G):
-    """G2: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std, one A_i per completion.
-    A group whose rewards are all equal teaches nothing: A = 0 exactly; frac_zero_std counts them."""
-    r = r.view(-1, G)  # (P, G)
+    """G2, DeepSeekMath section 4.1.2 (outcome supervision): every token of o_i gets the advantage
+        A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4),
+    std unbiased (N - 1, as torch.std and the released code). A group whose rewards are all equal teaches
+    nothing: its A is 0 exactly, and frac_zero_std counts such groups. r: (P*G,) -> A: (P*G,)."""
+    r = r.view(-1, G)  # (P, G): one row per prompt
     A = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
     flat = r.max(1).values == r.min(1).values  # (P,)
     return A.masked_fill(flat[:, None], 0.0).view(-1), flat.float().mean().item()
 
 
-def grpo_loss(logp, old, ref, A, mask, args, n_completions, n_tokens):
-    """The loss of one micro-batch: -J, with the per-token objective (G3-G5)
-        L_it = min(rho_it * A_i, clip(rho_it, 1-eps, 1+eps) * A_i) - beta * D_it,
-        rho_it = exp(logp - old) (G3),   D_it = exp(ref - logp) - (ref - logp) - 1 >= 0 (G4, k3),
-    aggregated as G6: J = (1/G) sum_i (1/|o_i|) sum_t L_it, averaged over prompts (--loss-agg seq, the
-    papers), or sum_it L_it / sum_i |o_i| (token, DAPO). Over ranks: each rank divides by its own number of
-    completions (seq) or by the mean number of completion tokens per rank (token), and FSDP2 averages the
-    gradients over ranks, so the gradient is the one of the global mean. n_completions and n_tokens are
-    those denominators. Returns the loss, D (N, C) and where clipping changed L (N, C)."""
-    ratio = torch.exp(logp - old)  # (N, C) G3
-    surrogate = torch.min(ratio * A[:, None], ratio.clamp(1 - args.eps, 1 + args.eps) * A[:, None])  # G5
-    D = torch.exp(ref - logp) - (ref - logp) - 1 if ref is not None else torch.zeros_like(logp)  # G4
-    L = surrogate - args.beta * D
-    per_seq = torch.where(mask.bool(), L, 0.0).sum(1)  # padding zeroed, even an inf there (not 0 * inf)
-    if args.loss_agg == "seq":
-        loss = -(per_seq / mask.sum(1).clamp(min=1)).sum() / n_completions
-    else:
-        loss = -per_seq.sum() / n_tokens
-    # the clipped term wins (and the gradient is cut) only past 1+eps with A > 0, or below 1-eps with A < 0
-    clipped = ((ratio > 1 + args.eps) & (A[:, None] > 0)) | ((ratio < 1 - args.eps) & (A[:, None] < 0))
+def grpo_loss(logp, old, ref, A, mask, beta, n_completions):
+    """-J (DeepSeekMath Eq. 3) for one micro-batch of completions; logp, old, ref, mask: (N, C), A: (N,).
+    Each rank divides by its own number of completions and FSDP2 averages the gradients over the ranks: the
+    gradient is the one of J over all of the step's prompts. Returns the loss, D (N, C) and where clipping
+    changed L (N, C), for the logs."""
+    A = A[:, None]  # (N, 1): one advantage for every token of a completion
+    ratio = torch.exp(logp - old)  # G3: rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - EPS, 1 + EPS) * A)  # G5: min(rho A, clip(rho) A)
+    D = torch.zeros_like(logp)  # beta = 0: no reference, no KL term
+    if ref is not None:  # G4, DeepSeekMath Eq. 4 (the k3 estimator): D = pi_ref/pi - log(pi_ref/pi) - 1 >= 0
+        D = torch.exp(ref - logp) - (ref - logp) - 1
+    L = surrogate - beta * D  # G5: L_it, the term inside Eq. 3's sums
+    per_seq = torch.where(mask.bool(), L, 0.0).sum(1)  # sum_t L_it over o_i's tokens (G9); not 0 * inf
+    loss = -(per_seq / mask.sum(1).clamp(min=1)).sum() / n_completions  # G6: -1/G sum_i 1/|o_i| sum_t L_it
+    # the clipped term wins (and its gradient is 0) only past 1+eps with A > 0, or below 1-eps with A < 0
+    clipped = ((ratio > 1 + EPS) & (A > 0)) | ((ratio < 1 - EPS) & (A < 0))
     return loss, D, clipped.float()
 
 
-# ============================================================================ the rollout
+# ================================================================================ 3. the rollout
 @torch.no_grad()
-def rollout(model, processor, exs, args, eos, banned, device, seed):
-    """Sample G completions per prompt (G8) with the KV cache. Returns one batch per generate() call, each
-    with its completions, their G9 masks and "idx": completion j of this rank answers prompt j // G (I8)."""
+def rollout(model, exs, args, run, seed):
+    """G completions of each prompt, sampled at temperature T (G8) with the KV cache, one generate() call
+    per prompt. Returns one batch per prompt: its G sequences, completions (G, C), their masks (G9) and
+    "idx": completion j of this rank's step answers prompt j // G (I8)."""
     G = args.num_generations
-    n = args.gen_batch or len(exs)
     batches = []
     with gathered(model):
-        for start in range(0, len(exs), n):
-            chunk = exs[start : start + n]
-            groups = torch.arange(len(chunk)).repeat_interleave(G)  # 0,0,..,0, 1,1,..: never .repeat (I3)
-            b = take(encode(processor, chunk, args), groups)  # (P*G, L)
-            b["idx"] = torch.arange(start * G, (start + len(chunk)) * G)
-            torch.manual_seed(seed + start)  # --gen-batch 1: the prompt's global index, not the rank count
-            with shared_vision(b, args, model):  # the prefill encodes each prompt's image once
-                seqs = model.generate(**{k: b[k].to(device) for k in MODEL_KEYS}, **sampling(args, banned))
-            b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (P*G, C)
-            b["mask"], b["truncated"] = completion_mask(b["completion"], eos)
+        for j, ex in enumerate(exs):
+            b = take(encode(run.processor, [ex], args), torch.zeros(G, dtype=torch.long))  # G copies (I3)
+            b["idx"] = torch.arange(j * G, (j + 1) * G)
+            torch.manual_seed(seed + j)  # seed + the prompt's index in the step: free of the rank count
+            with shared_vision(b, model):  # the prefill encodes the prompt's image once, not G times
+                inputs = {k: b[k].to(run.device) for k in MODEL_KEYS}
+                seqs = model.generate(
+                    **inputs, temperature=args.temperature, max_new_tokens=args.max_new_tokens
+                )
+            b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (G, C)
+            b["mask"], b["truncated"] = completion_mask(b["completion"], run.eos)
             batches.append(b)
     return batches
 
 
-def sampling(args, banned):
-    """Plain sampling at T (G8, I1): transformers' top_k=50 default or a hub config would change it."""
-    return dict(
-        do_sample=True,
-        temperature=args.temperature,
-        top_k=0,
-        top_p=1.0,
-        repetition_penalty=1.0,
-        max_new_tokens=args.max_new_tokens,
-        suppress_tokens=banned,
-    )
-
-
 def completion_text(text, args):
-    """What the rewards read: P1 ends its prompt with an opened <think>, so put it back (R2)."""
-    return "<think>" + text if args.prompt == "base" else text
+    """What the rewards read: P1 ends its prompt with an opened <think>, so it is put back (R2)."""
+    return "<think>" + text if PROMPT[args.variant] == "base" else text
 
 
-# ============================================================================ the training loop
+# ================================================================================ 4. one GRPO step
+def grpo_step(step, exs, args, stage_args, run):
+    """One GRPO step on this rank's prompts `exs`. Returns the step's statistics (means over the ranks) and
+    this rank's samples (question, completion, rewards, advantage) for OUT/trajectories/."""
+    model, ref, device = run.model, run.ref, run.device
+    G = stage_args.num_generations
+    t0 = time.time()
+    # ---- 1. rollout: G completions of each prompt (a group never spans two ranks)
+    seed = args.seed + 1_000_003 * step + run.rank * len(exs)  # + the step index of this rank's 1st prompt
+    with run.amp:
+        batches = rollout(model, exs, stage_args, run, seed)
+    t1 = time.time()
+    # ---- 2. reward, G1: r_i = sum_k R_k(o_i, q), the recipe's rewards summed without weights
+    texts = []
+    for b in batches:
+        texts += [completion_text(t, args) for t in run.processor.batch_decode(b["completion"], True)]
+    ex_of = [exs[j // G] for j in range(len(texts))]  # I8: completion j answers prompt j // G
+    n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()  # |o_i|, counted as G9 counts
+    per_fn = {}
+    for name, fn in run.rewards.items():
+        per_fn[name] = torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
+    r = sum(per_fn.values())  # (P*G,) G1
+    # ---- 3. advantage, G2: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), within each group
+    A, frac_zero_std = group_advantages(r, G)
+    t2 = time.time()
+    # ---- 4. log-probs of pi_ref (G4) and of pi_old (G7), without gradients, by micro-batch
+    micro = [mb for b in batches for mb in split(b, args.micro_batch)]
+    for mb in micro:
+        mb["ref"] = None
+        mb["old"] = None  # mu = 1: pi_old is pi_theta itself, detached in 5; no extra forward (G7)
+        with torch.no_grad(), run.amp, shared_vision(mb, ref, model):
+            if ref is not None:
+                mb["ref"] = token_logprobs(ref, mb, args.temperature, run.banned, device)
+            if args.mu > 1:
+                mb["old"] = token_logprobs(model, mb, args.temperature, run.banned, device)
+    t3 = time.time()
+    # ---- 5. policy update: mu epochs (G7), each a gradient step on -J (G5, G6) over all micro-batches
+    n_tokens = sum(mb["mask"].sum() for mb in micro).item()  # this rank's completion tokens, for the logs
+    for epoch in range(args.mu):
+        run.opt.zero_grad(set_to_none=True)
+        kl = clip_frac = loss_sum = 0.0
+        for mb in micro:
+            mask = mb["mask"].to(device)
+            with run.amp, shared_vision(mb, model):  # the G copies' gradients sum into one encoding
+                logp = token_logprobs(model, mb, args.temperature, run.banned, device)  # (n, C) log pi_theta
+            old = logp.detach() if mb["old"] is None else mb["old"]  # G7: at mu = 1, rho = 1
+            A_mb = A[mb["idx"]].to(device)  # this micro-batch's completions' advantages (I8)
+            loss, D, clipped = grpo_loss(logp, old, mb["ref"], A_mb, mask, args.beta, len(r))
+            loss.backward()
+            loss_sum += loss.item()
+            kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
+            clip_frac += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
+        grad_norm = clip_and_step(run.params, run.opt)
+    lr = run.opt.param_groups[0]["lr"]
+    run.sched.step()
+    # ---- 6. statistics. kl, clip_frac and loss are the last policy epoch's. At mu = 1 the loss is about
+    # beta * KL (rho = 1 and A sums to 0 within a group), yet its gradient is not 0
+    stats = {f"rewards/{name}": values.mean().item() for name, values in per_fn.items()}
+    stats["reward"] = r.mean().item()
+    stats["reward_std"] = r.view(-1, G).std(1).mean().item()
+    stats["frac_zero_std"] = frac_zero_std
+    stats["completion_len"] = sum(n_tok) / len(n_tok)
+    stats["truncated_frac"] = torch.cat([b["truncated"] for b in batches]).float().mean().item()
+    stats["reflection_rate"] = sum(R.reflects(t) for t in texts) / len(texts)  # R7
+    stats["kl"] = kl
+    stats["clip_frac"] = clip_frac
+    stats["loss"] = loss_sum
+    stats = over_ranks(stats, device)
+    stats["completion_len_max"] = over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"]
+    stats["grad_norm"] = grad_norm
+    stats["lr"] = lr
+    stats["time/rollout"] = t1 - t0
+    stats["time/reward"] = t2 - t1
+    stats["time/ref_old"] = t3 - t2
+    stats["time/update"] = time.time() - t3
+    samples = []
+    for i, (text, ex) in enumerate(zip(texts, ex_of)):
+        sample = {"question": ex["question"], "answer": ex["answer"], "completion": text, "tokens": n_tok[i]}
+        sample["rewards"] = {name: values[i].item() for name, values in per_fn.items()}
+        sample["advantage"] = A[i].item()
+        samples.append(sample)
+    return stats, samples
+
+
+# ================================================================================ 5. the run
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device, mesh = init_distributed()
     log = print if rank == 0 else ignore  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
     # The data first: a mistake in it ends the run in seconds, not after the model has loaded
-    sft_on = (args.sft_epochs or args.sft_steps or args.sft_only) and not args.eval
-    rl_on = not (args.eval or args.sft_only)
-    sft_exs = load_examples_or_exit(args.sft_data or args.data, "train", args, sft=True) if sft_on else None
-    exs = load_examples_or_exit(args.data, "train", args, args.max_rows) if rl_on else None
-    eval_exs = load_examples_or_exit(args.eval_data, "test", args) if args.eval or args.eval_every else None
-    model, ref, processor, eos, banned = prepare_models(args, device, mesh)
-    # One process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun.
-    bf16_autocast = use_bf16(args, device) and mesh is None
-    amp = torch.autocast(device.type, torch.bfloat16) if bf16_autocast else contextlib.nullcontext()
-    run = dict(processor=processor, eos=eos, banned=banned, device=device, rank=rank, world=world, amp=amp)
+    sft_on = args.sft_epochs > 0 and not args.eval
+    sft_exs = load_data(args.sft_data, "train", args, sft=True) if sft_on else None
+    exs = load_data(args.data, "train", args, args.max_rows) if not (args.eval or args.sft_only) else None
+    eval_exs = load_data(args.eval_data, "test", args) if args.eval or args.eval_every else None
+    run = load_models(args, rank, world, device, mesh)
     if args.eval:
-        run_eval(model, eval_exs, args, run, "eval")
+        run_eval(eval_exs, args, run, "eval")
         return barrier(finish=True)
-
     # --resume picks up where OUT/checkpoint left off: {"phase", "step", "sched", "args"}
     saved = os.path.join(args.out, "checkpoint", "progress.json")
     progress = json.load(open(saved)) if args.resume and os.path.exists(saved) else None
     record = open_metrics(args.out, progress) if rank == 0 else ignore
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    n_params = sum(p.numel() for p in run.model.parameters()) / 1e6
     log(f"{args.variant}: {args.model} ({n_params:.1f}M parameters), {world} rank(s), {device} -> {args.out}")
-    if progress:
-        log(f"resuming after {progress['phase']} step {progress['step']}")
-    # ---- 0. warm-up (R1-VL) / cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
+    # ---- warm-up (R1-VL) or cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
     in_rl = progress is not None and progress["phase"] == "rl"
     if progress and not in_rl and not sft_on:
         fail("OUT/checkpoint is an SFT checkpoint: --resume with its SFT flags, or start RL with --model it")
     if sft_on and not in_rl:
-        sft_exs = within_prompt_cap(sft_exs, args.sft_data or args.data, args, processor)
-        sft(model, sft_exs, args, run, record, progress)
-        if ref is not None:
-            ref.load_state_dict(model.state_dict())
+        sft(sft_exs, args, run, record, progress)
+        if run.ref is not None:
+            run.ref.load_state_dict(run.model.state_dict())
         if args.sft_only:
             return barrier(finish=True)
-    exs = within_prompt_cap(exs, args.data, args, processor)
+    # ---- GRPO, in PTST's stages of (completion cap, G, steps); without PTST one stage of the plain flags
     P = args.prompts_per_step
-    # PTST (Vision-R1): stages of (completion cap, G, steps); without it, one stage of the plain flags
     plain_steps = args.max_steps or args.epochs * (len(exs) // P)
     stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations, plain_steps)]
     steps = sum(n for _, _, n in stages)
     if steps == 0:
         fail(f"{args.data}: {len(exs)} usable rows, fewer than --prompts-per-step {P}: no RL step to take")
     order = data_order(len(exs), steps * P, args.seed)
-    reward_fns = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms; R3, R4 take flags
-    if "step_accuracy" in reward_fns:
-        reward_fns["step_accuracy"] = functools.partial(R.step_accuracy, alpha=args.alpha)
+    run.rewards = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms
     if args.length_bonus:
-        reward_fns["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(linear_decay, steps=steps))
-    log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(reward_fns)}")
+        run.rewards["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)  # R3
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.opt = torch.optim.AdamW(run.params, lr=args.lr, weight_decay=0.0)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: 1 - s / steps)  # 1 -> 0, linearly
+    log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(run.rewards)}")
     if in_rl:
-        resume(model, opt, sched, ref, args)
+        resume(run.model, run.opt, run.sched, run.ref, args)
+        log(f"resuming after RL step {progress['step']}")
     elif args.eval_every:  # the starting point of RL, which the later evaluations are measured against
-        run_eval(model, eval_exs, args, run, "eval_step0")
+        run_eval(eval_exs, args, run, "eval_step0")
+    flat_steps = 0  # steps in a row in which every group's rewards were equal
     for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
-        t0 = time.time()
         stage, stage_args = ptst_stage(args, stages, step)  # the same prompts per step; G and the cap change
-        G = stage_args.num_generations
         if step == 1 or ptst_stage(args, stages, step - 1)[0] != stage:
+            G = stage_args.num_generations
             log(f"stage {stage + 1}: up to {stage_args.max_new_tokens} new tokens, G = {G}, from step {step}")
-        # ---- 1. rollout: this rank's prompts of the step, G completions each (groups never split over ranks)
+        t0 = time.time()
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
-        seed = args.seed + 1_000_003 * step + rank * P // world  # + this rank's first prompt of the step
-        with amp:
-            batches = rollout(model, processor, mine, stage_args, eos, banned, device, seed)
-        t1 = time.time()
-        # ---- 2. reward (G1): the sum of the variant's rewards
-        texts = []
-        for b in batches:
-            texts += [completion_text(t, args) for t in processor.batch_decode(b["completion"], True)]
-        ex_of = [mine[j // G] for j in range(len(texts))]  # I8: completion j answers prompt j // G
-        n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()  # completion lengths (G9)
-        per_fn = {}
-        for name, fn in reward_fns.items():
-            per_fn[name] = torch.tensor([fn(t, ex, n) for t, ex, n in zip(texts, ex_of, n_tok)])
-        r = sum(per_fn.values())  # (P_local*G,) G1
-        # ---- 3. advantage (G2), within each group
-        A, frac_zero_std = group_advantages(r, G)
-        t2 = time.time()
-        # ---- 4. reference (G4) and old (G7) log-probs, no grad, in micro-batches
-        micro = [mb for b in batches for mb in split(b, args.micro_batch)]
-        for mb in micro:
-            with torch.no_grad(), amp, shared_vision(mb, stage_args, ref, model):  # each image encoded once
-                mb["ref"] = None
-                mb["old"] = None  # mu = 1: pi_old is pi_theta itself, detached below; no extra forward (G7)
-                if ref is not None:
-                    mb["ref"] = token_logprobs(ref, mb, args.temperature, banned, device)
-                if args.mu > 1:
-                    mb["old"] = token_logprobs(model, mb, args.temperature, banned, device)
-        t3 = time.time()
-        # ---- 5. policy update: mu epochs over the rollout batch (G5, G6)
-        n_tokens = sum(mb["mask"].sum() for mb in micro).item()  # this rank's completion tokens
-        n_tokens_per_rank = over_ranks({"n": n_tokens}, device)["n"]  # the token mean's denominator (G6)
-        for epoch in range(args.mu):
-            opt.zero_grad(set_to_none=True)
-            kl = clip_frac = loss_sum = 0.0
-            for mb in micro:
-                mask = mb["mask"].to(device)
-                with amp, shared_vision(mb, stage_args, model):  # G copies' gradients sum into one encoding
-                    logp = token_logprobs(model, mb, args.temperature, banned, device)  # (n, C)
-                old = logp.detach() if mb["old"] is None else mb["old"]  # G7: rho = 1 at mu = 1
-                A_mb = A[mb["idx"]].to(device)  # the advantages of this micro-batch's completions
-                loss, D, clipped = grpo_loss(
-                    logp, old, mb["ref"], A_mb, mask, args, len(r), n_tokens_per_rank
-                )
-                loss.backward()
-                loss_sum += loss.item()
-                kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
-                clip_frac += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
-            grad_norm = clip_and_step(params, opt, args.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        t4 = time.time()
-        # ---- 6. log: means over ranks; kl, clip_frac, loss, grad_norm of the last policy epoch. At mu = 1
-        # and seq aggregation the loss is ~beta*KL (rho = 1, A sums to 0 in a group); its gradient is not 0
-        stats = {f"rewards/{name}": values.mean().item() for name, values in per_fn.items()}
-        stats["reward"] = r.mean().item()
-        stats["reward_std"] = r.view(-1, G).std(1).mean().item()
-        stats["frac_zero_std"] = frac_zero_std
-        stats["completion_len"] = sum(n_tok) / len(n_tok)
-        stats["kl"] = kl
-        stats["clip_frac"] = clip_frac
-        stats["loss"] = loss_sum
-        stats["truncated_frac"] = torch.cat([b["truncated"] for b in batches]).float().mean().item()
-        stats["reflection_rate"] = sum(R.reflects(t) for t in texts) / len(texts)  # R7
-        stats = over_ranks(stats, device)
-        stats["step"] = step
-        stats["phase"] = "rl"
-        stats["stage"] = stage + 1
-        stats["max_new_tokens"] = stage_args.max_new_tokens
-        stats["num_generations"] = G
-        stats["grad_norm"] = grad_norm
-        stats["lr"] = lr
-        stats["step_time"] = time.time() - t0
-        stats["time/rollout"] = t1 - t0
-        stats["time/reward"] = t2 - t1
-        stats["time/ref_old"] = t3 - t2
-        stats["time/update"] = t4 - t3
-        stats["completion_len_max"] = over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"]
+        stats, samples = grpo_step(step, mine, args, stage_args, run)
+        stats = {"phase": "rl", "step": step, "stage": stage + 1, **stats, "step_time": time.time() - t0}
         record(stats)
-        terms = " ".join(f"{name} {stats['rewards/' + name]:.3f}" for name in per_fn)
+        terms = " ".join(f"{name} {stats['rewards/' + name]:.3f}" for name in run.rewards)
         log(
             f"step {step}/{steps} | reward {stats['reward']:.3f} (std {stats['reward_std']:.2f}, zero-std "
             f"{stats['frac_zero_std']:.2f}) | {terms} | len {stats['completion_len']:.0f} (cut "
             f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s"
         )
-        if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
-            write_trajectories(args.out, step, texts, ex_of, n_tok, per_fn, A)
+        flat_steps = flat_steps + 1 if stats["frac_zero_std"] == 1 else 0
+        if flat_steps == 10:
+            log(
+                "note: for 10 steps every group's rewards were equal, so every advantage was 0 and GRPO "
+                "learned nothing but the KL term (G2). A model that never earns a reward (OUT/trajectories/ "
+                "shows what it writes) needs a warm-up first: --sft-data with --sft-epochs."
+            )
+        if rank == 0 and (step == 1 or step % args.log_completions_every == 0):
+            write_jsonl(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), samples)
         # ---- 7. evaluate and checkpoint
         if args.eval_every and (step % args.eval_every == 0 or step == steps):
-            run_eval(model, eval_exs, args, run, f"eval_step{step}")
+            run_eval(eval_exs, args, run, f"eval_step{step}")
         if step == steps or (args.save_every and step % args.save_every == 0):
-            save_checkpoint(model, opt, sched, ref, processor, args, "rl", step, rank)
+            save_checkpoint(run, run.opt, run.sched, args, "rl", step)
     barrier(finish=True)
 
 
-def linear_decay(s, steps):
-    """The RL learning-rate factor after s steps (one rollout each): 1 at the start, 0 at the end."""
-    return 1 - s / steps
-
-
-def write_trajectories(out, step, texts, ex_of, n_tok, per_fn, A):
+def write_jsonl(path, rows):
     """OUT/trajectories/step_N.jsonl: rank 0's completions and rewards, where an 'aha moment' is read."""
-    os.makedirs(os.path.join(out, "trajectories"), exist_ok=True)
-    with open(os.path.join(out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
-        for i, (text, ex) in enumerate(zip(texts, ex_of)):
-            row = {"question": ex["question"], "answer": ex["answer"], "completion": text, "tokens": n_tok[i]}
-            row["rewards"] = {name: values[i].item() for name, values in per_fn.items()}
-            row["advantage"] = A[i].item()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
             f.write(json.dumps(row) + "\n")
 
 
-# ============================================================================ engineering: set-up
+# ================================================================================ plumbing
+# What follows is engineering, not the algorithm: a learner may stop reading here.
+
+
+# ------------------------------------------------------------------ flags
+def parse_args(argv=None):
+    """Args from the command line; the variant's defaults (VARIANTS) under the flags given. --help shows the
+    defaults of the variant named with it."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--variant", default="r1zero", choices=VARIANTS)
+    defaults = {**asdict(Args()), **VARIANTS[first.parse_known_args(argv)[0].variant]}
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="default: the --variant's value")
+    for f in fields(Args):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        name = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"] + " (default: %(default)r)"
+        p.add_argument(name, default=defaults[f.name], help=help, choices=f.metadata["choices"], **kind)
+    args = Args(**vars(p.parse_args(argv)))
+    if bad := [name for name in args.rewards.split(",") if name not in R.REWARDS]:
+        p.error(f"--rewards: no reward {bad[0]!r} (choose from {', '.join(R.REWARDS)})")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.prompts_per_step % world or args.sft_batch % world:
+        p.error(f"--prompts-per-step and --sft-batch must divide by the {world} ranks")
+    if not (args.data or args.eval or args.sft_only):
+        p.error(f"--variant {args.variant} needs --data (its RL rows)")
+    if args.sft_epochs and not args.sft_data:
+        p.error("--sft-epochs needs --sft-data (rows with a solution or an answer, or chat rows)")
+    if args.sft_only and not args.sft_epochs:
+        p.error("--sft-only needs --sft-epochs")
+    try:
+        stages = parse_ptst(args.ptst)
+    except ValueError:
+        p.error(f"--ptst {args.ptst!r}: expected tokens:G:steps stages, as 4096:16:100,8192:8:100")
+    if min([args.num_generations] + [G for _, G, _ in stages]) < 2:
+        p.error("--num-generations (and each PTST stage's G) must be at least 2: a lone completion has no G2")
+    if args.mu < 1:
+        p.error(f"--mu {args.mu}: at least 1 policy epoch per rollout batch (G7)")
+    return args
+
+
+def parse_ptst(spec):
+    """'4096:16:100,8192:8:100' -> [(4096, 16, 100), (8192, 8, 100)]: (completion cap, G, steps) per stage."""
+    stages = [tuple(int(n) for n in stage.split(":")) for stage in spec.split(",")] if spec else []
+    if any(len(stage) != 3 or min(stage) < 1 for stage in stages):
+        raise ValueError(spec)
+    return stages
+
+
+def ptst_stage(args, stages, step):
+    """PTST (Vision-R1): the stage (0-based) that step is in, and a copy of args with that stage's
+    completion cap and G; args itself is not changed."""
+    end = 0
+    for stage, (cap, G, n) in enumerate(stages):
+        end += n  # the stage's last step
+        if step <= end:
+            return stage, replace(args, max_new_tokens=cap, num_generations=G)
+
+
+def fail(message):
+    """A mistake in the input ends the run: one line naming it, exit status 2 (as for a bad flag)."""
+    print(f"grpo_vl.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_data(spec, split, args, max_rows=0, sft=False):
+    """data.load_examples, before any model is loaded: any mistake in the data is one line, exit 2."""
+    try:
+        return data.load_examples(spec, split, args.seed, args.skip_bad_rows, max_rows, sft)
+    except (ValueError, OSError) as e:
+        fail(e)
+
+
+# ------------------------------------------------------------------ processes and models (FSDP2, I9)
 def init_distributed():
     """(rank, world, device, mesh). Under torchrun one process per device and FSDP2 over all of them (nccl
     on GPUs, gloo on CPU); a plain `python grpo_vl.py` uses no process group and no mesh."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if world == 1:
         return rank, world, device, None
@@ -506,45 +537,362 @@ def over_ranks(stats, device, op=dist.ReduceOp.SUM):
     return stats
 
 
-def prepare_models(args, device, mesh):
-    """The policy (trainable, fp32 master weights) and the frozen reference (G4; none when beta = 0), each
-    sharded with FSDP2 under torchrun, with the run's freezing, checkpointing and precision."""
-    model, processor, eos, banned = load_model(args)
+VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
+
+
+def load_models(args, rank, world, device, mesh):
+    """The run: the policy (trainable, fp32 master weights), the frozen reference (G4; none when beta = 0),
+    each sharded with FSDP2 under torchrun, the processor, EOS and banned token ids, and the precision."""
+    tf.utils.logging.disable_progress_bar()
+    try:
+        model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+        processor = tf.AutoProcessor.from_pretrained(args.model)
+    except OSError as e:  # not a model folder, or a hub id that is neither cached nor reachable
+        fail(f"--model {args.model!r}: cannot load it ({str(e).splitlines()[0]})")
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    gen_eos = model.generation_config.eos_token_id  # an int or a list
+    eos += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    eos = sorted({i for i in eos if i is not None})
+    # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
+    # penalty 1.05): RL samples from, and scores, the plain distribution at T (G8, I1), and never samples a
+    # vision token (I5), which would break the scoring forward.
+    banned = tok.convert_tokens_to_ids(VISION_TOKENS)
+    plain = dict(do_sample=True, top_k=0, top_p=1.0, repetition_penalty=1.0, suppress_tokens=banned)
+    model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, **plain)
     ref = None
     if args.beta > 0 and not args.eval:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    # the r1zero ablations, really frozen (the released flag assigned to a method, froze nothing)
+    # the r1zero ablations, really frozen (the released flag assigned to a method and froze nothing)
     if args.freeze == "vision":
         model.model.visual.requires_grad_(False)
     if args.freeze == "llm":
         model.model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
     if args.gradient_checkpointing:  # non-reentrant: the kind that composes with FSDP2
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()  # checkpointing acts in training mode only; generate() runs in eval mode (gathered)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     for m in (model, ref):
         if m is not None and mesh is not None:
-            shard(m, mesh, device, use_bf16(args, device))
+            shard(m, mesh, device, bf16)
         elif m is not None:
             m.to(device)
-    return model, ref, processor, eos, banned
+    # one process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun
+    amp = torch.autocast(device.type, torch.bfloat16) if bf16 and mesh is None else contextlib.nullcontext()
+    run = dict(model=model, ref=ref, processor=processor, eos=eos, banned=banned, amp=amp, device=device)
+    return SimpleNamespace(**run, rank=rank, world=world)
 
 
-def parse_ptst(spec):
-    """'4096:16:100,8192:8:100' -> [(4096, 16, 100), (8192, 8, 100)]: (completion cap, G, steps) per stage."""
-    if not spec:
-        return []
-    return [tuple(int(n) for n in stage.split(":")) for stage in spec.split(",")]
+def shard(model, mesh, device, bf16):
+    """I9: fully_shard each vision block, each decoder layer, the vision tower, then the root. With bf16:
+    bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+    # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
+    # alone first. A text-only forward through the root settles it. Reshard after it: the root stays
+    # gathered after a forward, and an optimizer built now would hold those copies, not the shards.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    model.reshard()
 
 
-def ptst_stage(args, stages, step):
-    """PTST (Vision-R1): the stage (0-based) that step is in, and a copy of args with that stage's
-    completion cap and G; args itself is not changed."""
-    end = 0
-    for stage, (cap, G, n) in enumerate(stages):
-        end += n  # the stage's last step
-        if step <= end:
-            return stage, replace(args, max_new_tokens=cap, num_generations=G)
+@contextlib.contextmanager
+def gathered(model):
+    """For generate(): eval mode, since gradient checkpointing (a training-mode feature) turns the KV cache
+    off; under FSDP, the parameters gathered once for the whole call. Without that every generated token
+    all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
+    was_training = model.training
+    model.eval()
+    sharded = isinstance(model, FSDPModule)
+    if sharded:
+        model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
+        model.unshard()
+    try:
+        yield
+    finally:
+        if sharded:
+            model.set_reshard_after_forward(True)
+            model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, FSDP's default
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def shared_vision(batch, *models):
+    """Each model's vision tower encodes each distinct image of `batch` once, not once per sequence: a
+    group's G sequences hold copies of one image (batch["image_src"] names the copies, I3). The one encoding
+    goes to all G, so autograd sums their G gradients into it and back-propagates the sum through the tower
+    once -- by linearity, the sum of G backward passes: the gradient is exact. Only get_image_features is
+    replaced; the tower is still called as a module, so FSDP2's hooks gather and reshard it (I9)."""
+    src = batch["image_src"].tolist()
+    distinct = list(dict.fromkeys(src))  # in order of first appearance
+    first = [src.index(s) for s in distinct]  # one copy of each
+
+    def encode_distinct(get_image_features, pixel_values, image_grid_thw, **kwargs):
+        pixels = pixel_values.split(image_grid_thw.prod(-1).tolist())  # one block of rows per image
+        out = get_image_features(torch.cat([pixels[i] for i in first]), image_grid_thw[first], **kwargs)
+        out.pooler_output = [out.pooler_output[distinct.index(s)] for s in src]  # copies share one tensor
+        return out
+
+    models = [m for m in models if m is not None]
+    for m in models:  # an instance attribute is found before the class's method, by forward and generate
+        m.model.get_image_features = functools.partial(encode_distinct, m.model.get_image_features)
+    try:
+        yield
+    finally:
+        for m in models:
+            del m.model.get_image_features
+
+
+# ------------------------------------------------------------------ batches (I3)
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def encode(processor, exs, args):
+    """The examples' prompts, left-padded (I2), with how many images each has and which image each is."""
+    return {
+        **data.encode(processor, exs, PROMPT[args.variant], args.max_pixels),
+        "n_images": torch.tensor([len(ex["images"]) for ex in exs]),
+        "image_src": torch.arange(sum(len(ex["images"]) for ex in exs)),  # which image; copies keep it
+    }
+
+
+def take(batch, idx):
+    """Sequences `idx` of a batch. pixel_values holds one row per image patch of all the batch's images,
+    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen sequences' images."""
+    idx = torch.as_tensor(idx)
+    pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())  # one per image
+    images_of = torch.split(torch.arange(len(pixels)), batch["n_images"].tolist())  # each sequence's images
+    images = torch.cat([images_of[i] for i in idx.tolist()])  # (n,) the chosen sequences' images, in order
+    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw", "image_src")}
+    out["image_grid_thw"] = batch["image_grid_thw"][images]
+    out["image_src"] = batch["image_src"][images]
+    out["pixel_values"] = torch.cat([pixels[i] for i in images.tolist()])
+    return out
+
+
+def split(b, size):
+    """Micro-batches of `size` sequences (gradient accumulation)."""
+    n = len(b["completion"])
+    return [take(b, torch.arange(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def data_order(n, needed, seed):
+    """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
+    order = []
+    for epoch in range(math.ceil(needed / n)):
+        order += random.Random(seed + epoch).sample(range(n), n)
+    return order
+
+
+def my_share(order, step, n, rank, world):
+    """This rank's part of step `step`'s n examples (a prompt's G completions stay on one rank)."""
+    return order[(step - 1) * n : step * n][rank * n // world : (rank + 1) * n // world]
+
+
+# ------------------------------------------------------------------ SFT
+def sft(exs, args, run, record, progress):
+    """Warm-up / cold-start SFT: next-token cross-entropy on the target tokens (a token mean over all
+    ranks), AdamW with weight decay, a linear warm-up then cosine decay. The target is the 'completion' of
+    a rollout-shaped batch, scored exactly as RL scores a completion; the prompt is RL's prompt."""
+    n = args.sft_batch
+    steps = args.sft_epochs * max(len(exs) // n, 1)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
+    warm = max(1, round(args.sft_warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(warmup_cosine, warm=warm, steps=steps))
+    order = data_order(len(exs), steps * n, args.seed)
+    if run.rank == 0:
+        print(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
+    if progress:
+        resume(run.model, opt, sched, None, args)
+    for step in range(progress["step"] + 1 if progress else 1, steps + 1):
+        t0 = time.time()
+        b = sft_batch(run.processor, [exs[i] for i in my_share(order, step, n, run.rank, run.world)], args)
+        n_tok = over_ranks({"n": b["mask"].sum().item()}, run.device)["n"]  # mean target tokens per rank
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for mb in split(b, args.micro_batch):  # / mean tokens per rank, then FSDP's mean = the token mean
+            with run.amp:
+                logp = token_logprobs(run.model, mb, 1.0, run.banned, run.device)
+                nll = -(logp * mb["mask"].to(run.device)).sum() / n_tok  # -1/N sum_t log p(y_t | x, y_<t)
+            nll.backward()
+            loss += nll.item()
+        grad_norm = clip_and_step(params, opt)
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        loss = over_ranks({"loss": loss}, run.device)["loss"]
+        seconds = time.time() - t0
+        stats = {"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
+        stats["step_time"] = seconds
+        record(stats)
+        if run.rank == 0:
+            print(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {seconds:.1f}s")
+        if step == steps or (args.save_every and step % args.save_every == 0):
+            save_checkpoint(run, opt, sched, args, "sft", step)
+
+
+def sft_batch(processor, exs, args):
+    """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
+    'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
+    b = encode(processor, exs, args)
+    tok = processor.tokenizer
+    style = PROMPT[args.variant]
+    end = tok.convert_tokens_to_ids("<|endoftext|>" if style == "base" else "<|im_end|>")
+    ids = [tok(data.sft_target(ex, style), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
+    C = max(len(x) for x in ids)
+    b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])  # (B, C)
+    b["mask"] = (torch.arange(C)[None] < torch.tensor([len(x) for x in ids])[:, None]).float()
+    return b
+
+
+def warmup_cosine(s, warm, steps):
+    """The SFT learning-rate factor at step s: a linear warm-up over `warm` steps, then a cosine decay."""
+    if s < warm:
+        return (s + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
+
+
+def clip_and_step(params, opt):
+    """Clip the gradient norm, then step -- unless it is not finite: then stop; the last checkpoint stays."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
+    if not math.isfinite(grad_norm):
+        raise SystemExit(f"error: gradient norm {grad_norm}; stopped (OUT/checkpoint: the last good weights)")
+    opt.step()
+    return grad_norm
+
+
+# ------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def run_eval(exs, args, run, name):
+    """Greedy decoding; an answer is right as the recipe's reward judges it. Accuracy overall (micro, as
+    VisualThinker's 59.47%), per task, and CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2, printed
+    and written to OUT/<name>.json by rank 0."""
+    mine = exs[run.rank :: run.world]
+    results = []
+    with gathered(run.model), run.amp:
+        for s in range(0, len(mine), 16):
+            chunk = mine[s : s + 16]
+            b = encode(run.processor, chunk, args)
+            seqs = run.model.generate(
+                **{k: b[k].to(run.device) for k in MODEL_KEYS},
+                do_sample=False,
+                max_new_tokens=args.eval_max_new_tokens,
+            )
+            o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions
+            lengths = completion_mask(o, run.eos)[0].sum(1)  # counted as G9 counts them
+            for ex, text, n in zip(chunk, run.processor.batch_decode(o, True), lengths):
+                correct, formatted = judge(completion_text(text, args), ex, PROMPT[args.variant])
+                results.append({"task": ex["task"], "source": ex["source"], "correct": correct})
+                results[-1]["format"] = formatted
+                results[-1]["length"] = float(n)
+    if run.world > 1:  # every rank's results
+        everyone = [None] * run.world
+        dist.all_gather_object(everyone, results)
+        results = [r for rs in everyone for r in rs]
+    report = {"n": len(results)}
+    report["accuracy"] = mean(r["correct"] for r in results)
+    report["format"] = mean(r["format"] for r in results)
+    report["completion_len"] = mean(r["length"] for r in results)
+    report["per_task"] = {}
+    for task in sorted({r["task"] for r in results}):
+        report["per_task"][task] = mean(r["correct"] for r in results if r["task"] == task)
+    acc = {s: mean(r["correct"] for r in results if r["source"] == s) for s in ("ADE20K", "COCO", "Omni3D")}
+    if {"ADE20K", "COCO", "Omni3D"} <= {r["source"] for r in results}:
+        report["cvbench_combined"] = ((acc["ADE20K"] + acc["COCO"]) / 2 + acc["Omni3D"]) / 2
+    if run.rank == 0:
+        print(f"{name}: {json.dumps(report)}")
+        json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
+    return report
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / max(len(values), 1)
+
+
+def judge(text, ex, style):
+    """(correct, well formatted), as the recipe's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
+    if style == "step":
+        return float(R.is_correct(R.step_answer(text), ex)), R.step_validity(text)
+    return R.accuracy(text, ex), R.think_answer_format(text)
+
+
+# ------------------------------------------------------------------ checkpoints and metrics
+def save_checkpoint(run, opt, sched, args, phase, step):
+    """OUT/checkpoints/<phase>-<step>/ (I10): the model for any transformers user (gathered on rank 0, written
+    with save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
+    (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
+    mid-write leaves the previous checkpoint whole. OUT/checkpoint links to it; older ones are deleted."""
+    root = os.path.join(args.out, "checkpoints")
+    name = f"{phase}-{step:06d}"
+    tmp = os.path.join(root, ".tmp-" + name)
+    options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = dsd.get_model_state_dict(run.model, options=options)
+    if run.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with transformers_class(run.model):
+            run.model.save_pretrained(tmp, state_dict=full)
+        run.processor.save_pretrained(tmp)
+        progress = {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)}
+        json.dump(progress, open(os.path.join(tmp, "progress.json"), "w"), indent=1)
+    state_path = os.path.join(tmp, "train_state")
+    dcp.save(train_state(run.model, opt, run.ref), checkpoint_id=state_path, no_dist=run.world == 1)
+    barrier()
+    if run.rank == 0:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # a run repeated in the same --out
+        os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
+        link = os.path.join(args.out, "checkpoint")
+        if os.path.lexists(link + ".tmp"):  # left by a kill
+            os.remove(link + ".tmp")
+        os.symlink(os.path.join("checkpoints", name), link + ".tmp")
+        os.replace(link + ".tmp", link)  # atomic: OUT/checkpoint is always a whole checkpoint
+        for old in os.listdir(root):
+            if old != name:
+                shutil.rmtree(os.path.join(root, old))
+    barrier()
+
+
+def train_state(model, opt, ref):
+    """What --resume needs beyond the weights: every rank's shards of model, optimizer (and reference)."""
+    model_sd, optim_sd = dsd.get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ref is not None:
+        state["ref"] = dsd.get_model_state_dict(ref)
+    return state
+
+
+@contextlib.contextmanager
+def transformers_class(model):
+    """FSDP2 gives a sharded model a class of its own, FSDP<Name>, whose method resolution order is
+    (FSDP<Name>, FSDPModule, <Name>, ...). save_pretrained writes the hub's key layout only for transformers'
+    own classes, so for the call the model wears <Name> again."""
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        model.__class__ = cls.__mro__[2]
+    yield model
+    model.__class__ = cls
+
+
+def resume(model, opt, sched, ref, args):
+    """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
+    path = os.path.join(args.out, "checkpoint")
+    state = train_state(model, opt, ref)
+    # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+    state_path = os.path.join(path, "train_state")
+    dcp.load(state, checkpoint_id=state_path, planner=planner, no_dist=not dist.is_initialized())
+    dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ref is not None:
+        dsd.set_model_state_dict(ref, state["ref"])
+    sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])
 
 
 def open_metrics(out, progress):
@@ -565,504 +913,6 @@ def open_metrics(out, progress):
 def position(entry):
     """Where a metrics line or a checkpoint stands in the run: SFT before RL, then the step."""
     return (entry["phase"] == "rl", entry["step"])
-
-
-def parse_args(argv=None):
-    """Flags from the dataclass Args; variant defaults, then the flags given, win in that order."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(Args):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        p.add_argument(
-            "--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f.metadata["help"], **kind
-        )
-    given = vars(p.parse_args(argv))
-    variant = given.get("variant", Args.variant)
-    if variant not in VARIANTS:
-        p.error(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    tiny = given.get("model", "").startswith("tiny")
-    defaults = {**VARIANTS[variant], **(TINY if tiny else {})}
-    args = Args(**{**defaults, **given})
-    for name, values, allowed in [
-        ("--rewards", args.rewards.split(","), R.REWARDS),
-        ("--prompt", [args.prompt], data.PROMPT_STYLES),
-        ("--loss-agg", [args.loss_agg], ("seq", "token")),
-        ("--freeze", [args.freeze], ("", "vision", "llm")),
-        ("--precision", [args.precision], ("auto", "bf16", "fp32")),
-    ]:
-        if bad := [v for v in values if v not in allowed]:
-            p.error(f"{name} {bad[0]!r}: expected one of {', '.join(map(repr, allowed))}")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.prompts_per_step % world or args.sft_batch % world:
-        p.error(f"--prompts-per-step and --sft-batch must divide by the {world} ranks")
-    if not tiny and not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
-        p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
-    if not args.data:
-        p.error(f"--variant {args.variant} needs --data (rows: problem, image, solution, key_steps)")
-    if args.sft_only and not (args.sft_epochs or args.sft_steps):
-        p.error("--sft-only needs --sft-epochs or --sft-steps")
-    sft_on = args.sft_epochs or args.sft_steps or args.sft_only
-    if sft_on and not args.sft_data and args.variant in ("stepgrpo", "vision-r1"):  # warm-up set != RL set
-        p.error(f"--variant {args.variant} needs --sft-data (or --sft-epochs 0 for no SFT)")
-    stage = r"[1-9]\d*:[1-9]\d*:[1-9]\d*"
-    if args.ptst and not re.fullmatch(rf"{stage}(,{stage})*", args.ptst):
-        p.error(f"--ptst {args.ptst!r}: expected tokens:G:steps stages, as 4096:16:100,8192:8:100")
-    if min([args.num_generations] + [G for _, G, _ in parse_ptst(args.ptst)]) < 2:
-        p.error("--num-generations (and each PTST stage's G) must be at least 2: a lone completion has no G2")
-    if args.mu < 1:
-        p.error(f"--mu {args.mu}: at least 1 policy epoch per rollout batch (G7)")
-    return args
-
-
-# ============================================================================ engineering: FSDP2 (I9)
-def use_bf16(args, device):
-    """--precision: bf16 compute over fp32 master weights (auto: on GPU), or fp32 throughout."""
-    return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-
-
-def shard(model, mesh, device, bf16):
-    """fully_shard each vision block, each decoder layer, the vision tower, then the root. With bf16:
-    bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
-        fully_shard(module, mesh=mesh, mp_policy=mp)
-    # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
-    # alone first. A text-only forward through the root settles it. Reshard after it: the root stays
-    # gathered after a forward, and an optimizer built now would hold those copies, not the shards.
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
-    model.reshard()
-    return model
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """For generate(): eval mode, since gradient checkpointing (a training-mode feature) turns the KV cache
-    off; under FSDP, the parameters gathered once for the whole call. Without that every generated token
-    all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
-    was_training = model.training
-    model.eval()
-    sharded = isinstance(model, FSDPModule)
-    if sharded:
-        model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
-        model.unshard()
-    yield
-    if sharded:
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, as FSDP's default
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-    model.train(was_training)
-
-
-@contextlib.contextmanager
-def shared_vision(batch, args, *models):
-    """Each model's vision tower encodes each distinct image of `batch` once, not once per sequence: a
-    group's G sequences hold copies of one image (batch["image_src"] names the copies, I3). The one encoding
-    goes to all G, so autograd sums their G gradients into it and back-propagates the sum through the tower
-    once -- by linearity, the sum of G backward passes: the gradient is exact. Only get_image_features is
-    replaced; the tower is still called as a module, so FSDP2's hooks gather and reshard it (I9)."""
-    src = batch["image_src"].tolist()
-    distinct = list(dict.fromkeys(src))  # in order of first appearance
-    first = [src.index(s) for s in distinct]  # one copy of each
-
-    def encode_distinct(get_image_features, pixel_values, image_grid_thw, **kwargs):
-        pixels = pixel_values.split(image_grid_thw.prod(-1).tolist())  # one block of rows per image
-        out = get_image_features(torch.cat([pixels[i] for i in first]), image_grid_thw[first], **kwargs)
-        out.pooler_output = [out.pooler_output[distinct.index(s)] for s in src]  # copies share one tensor
-        return out
-
-    models = [m for m in models if m is not None] if args.vision_sharing else []
-    for m in models:  # an instance attribute is found before the class's method, by forward and generate
-        m.model.get_image_features = functools.partial(encode_distinct, m.model.get_image_features)
-    try:
-        yield
-    finally:
-        for m in models:
-            del m.model.get_image_features
-
-
-# ============================================================================ engineering: batches (I3)
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def take(batch, idx):
-    """Sequences `idx` of a batch. pixel_values holds one row per image patch of all the batch's images,
-    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen sequences' images."""
-    idx = torch.as_tensor(idx)
-    pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())  # one per image
-    images_of = torch.split(torch.arange(len(pixels)), batch["n_images"].tolist())  # each sequence's images
-    images = torch.cat([images_of[i] for i in idx.tolist()])  # (n,) the chosen sequences' images, in order
-    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw", "image_src")}
-    out["image_grid_thw"] = batch["image_grid_thw"][images]
-    out["image_src"] = batch["image_src"][images]
-    out["pixel_values"] = torch.cat([pixels[i] for i in images.tolist()])
-    return out
-
-
-def encode(processor, exs, args):
-    return {
-        **data.encode(processor, exs, args.prompt, args.max_pixels),
-        "n_images": torch.tensor([len(ex["images"]) for ex in exs]),
-        "image_src": torch.arange(sum(len(ex["images"]) for ex in exs)),  # which image; copies keep it
-    }
-
-
-def split(b, size):
-    """Micro-batches of `size` sequences (gradient accumulation)."""
-    n = len(b["completion"])
-    return [take(b, torch.arange(s, min(s + size, n))) for s in range(0, n, size)]
-
-
-def data_order(n, needed, seed):
-    """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
-    return [
-        i for epoch in range(math.ceil(needed / n)) for i in random.Random(seed + epoch).sample(range(n), n)
-    ]
-
-
-def my_share(order, step, n, rank, world):
-    """This rank's part of step `step`'s n examples (a prompt's G completions stay on one rank)."""
-    return order[(step - 1) * n : step * n][rank * n // world : (rank + 1) * n // world]
-
-
-# ============================================================================ engineering: SFT
-def sft_batch(processor, exs, args):
-    """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
-    'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
-    b = encode(processor, exs, args)
-    tok = processor.tokenizer
-    end = tok.convert_tokens_to_ids("<|endoftext|>" if args.prompt == "base" else "<|im_end|>")
-    ids = [tok(data.sft_target(ex, args.prompt), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
-    C = max(len(x) for x in ids)
-    b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])  # (B, C)
-    b["mask"] = (torch.arange(C)[None] < torch.tensor([len(x) for x in ids])[:, None]).float()
-    return b
-
-
-def sft(model, exs, args, run, record, progress):
-    """Next-token cross-entropy on the target tokens (a token mean over all ranks); AdamW with weight
-    decay, linear warm-up then cosine decay. The target is scored exactly as RL scores a completion."""
-    device, rank, world = run["device"], run["rank"], run["world"]
-    n = args.sft_batch
-    steps = args.sft_steps or args.sft_epochs * max(len(exs) // n, 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
-    warm = max(1, round(args.sft_warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(warmup_cosine, warm=warm, steps=steps))
-    order = data_order(len(exs), steps * n, args.seed)
-    if rank == 0:
-        print(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
-    if progress and progress["phase"] == "sft":
-        resume(model, opt, sched, None, args)
-    for step in range(progress["step"] + 1 if progress else 1, steps + 1):
-        t0 = time.time()
-        b = sft_batch(run["processor"], [exs[i] for i in my_share(order, step, n, rank, world)], args)
-        n_tok = over_ranks({"n": b["mask"].sum().item()}, device)["n"]  # mean target tokens per rank
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for mb in split(b, args.micro_batch):  # / mean tokens per rank, then FSDP's mean = the token mean
-            with run["amp"]:
-                logp = token_logprobs(model, mb, 1.0, run["banned"], device)
-                nll = -(logp * mb["mask"].to(device)).sum() / n_tok
-            nll.backward()
-            loss += nll.item()
-        grad_norm = clip_and_step(params, opt, args.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        loss = over_ranks({"loss": loss}, device)["loss"]
-        seconds = time.time() - t0
-        stats = {"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
-        stats["tokens"] = n_tok * world
-        stats["step_time"] = seconds
-        record(stats)
-        if rank == 0:
-            print(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {seconds:.1f}s")
-        if step == steps or (args.save_every and step % args.save_every == 0):
-            save_checkpoint(model, opt, sched, None, run["processor"], args, "sft", step, rank)
-
-
-def warmup_cosine(s, warm, steps):
-    """The SFT learning-rate factor at step s: a linear warm-up over `warm` steps, then a cosine decay."""
-    if s < warm:
-        return (s + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
-
-
-def clip_and_step(params, opt, max_norm):
-    """Clip the gradient norm, then step -- unless it is not finite: then stop; the last checkpoint stays."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-        grad_norm = grad_norm.full_tensor()
-    grad_norm = grad_norm.item()
-    if not math.isfinite(grad_norm):
-        raise SystemExit(f"error: gradient norm {grad_norm}; stopped (OUT/checkpoint: the last good weights)")
-    opt.step()
-    return grad_norm
-
-
-# ======================================================================= engineering: evaluation (protocol E)
-def run_eval(model, exs, args, run, name):
-    """Protocol E on --eval-data, printed and written to OUT/<name>.json by rank 0."""
-    with run["amp"]:
-        report = evaluate(model, exs, args, run)
-    if run["rank"] == 0:
-        print(f"{name}: {json.dumps(report)}")
-        json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
-
-
-@torch.no_grad()
-def evaluate(model, exs, args, run):
-    """Greedy decoding; an answer is right as the variant's reward judges it. Accuracy overall (micro), per
-    task, and CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2."""
-    processor, device = run["processor"], run["device"]
-    mine = exs[run["rank"] :: run["world"]]
-    results = []
-    with gathered(model):
-        for s in range(0, len(mine), 16):
-            chunk = mine[s : s + 16]
-            b = encode(processor, chunk, args)
-            seqs = model.generate(
-                **{k: b[k].to(device) for k in MODEL_KEYS},
-                do_sample=False,
-                max_new_tokens=args.eval_max_new_tokens,
-                suppress_tokens=run["banned"],
-            )
-            o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions
-            lengths = completion_mask(o, run["eos"])[0].sum(1)  # counted as G9 counts them
-            for ex, text, n in zip(chunk, processor.batch_decode(o, True), lengths):
-                correct, formatted = judge(completion_text(text, args), ex, args.prompt)
-                result = {"task": ex["task"], "source": ex["source"], "correct": correct, "format": formatted}
-                result["length"] = float(n)
-                results.append(result)
-    if run["world"] > 1:  # every rank's results
-        everyone = [None] * run["world"]
-        dist.all_gather_object(everyone, results)
-        results = [r for rs in everyone for r in rs]
-    report = {"n": len(results)}
-    report["accuracy"] = mean(r["correct"] for r in results)
-    report["format"] = mean(r["format"] for r in results)
-    report["completion_len"] = mean(r["length"] for r in results)
-    tasks = sorted({r["task"] for r in results})
-    report["per_task"] = {t: mean(r["correct"] for r in results if r["task"] == t) for t in tasks}
-    if {"ADE20K", "COCO", "Omni3D"} <= {r["source"] for r in results}:
-        by_source = {
-            s: mean(r["correct"] for r in results if r["source"] == s) for s in ("ADE20K", "COCO", "Omni3D")
-        }
-        report["cvbench_combined"] = ((by_source["ADE20K"] + by_source["COCO"]) / 2 + by_source["Omni3D"]) / 2
-    return report
-
-
-def mean(values):
-    values = list(values)
-    return sum(values) / max(len(values), 1)
-
-
-def judge(text, ex, style):
-    """(correct, well formatted), as the variant's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
-    if style == "step":
-        return float(R.is_correct(R.step_answer(text), ex)), R.step_validity(text)
-    return R.accuracy(text, ex), R.think_answer_format(text)
-
-
-# ============================================================================ engineering: checkpoints
-def save_checkpoint(model, opt, sched, ref, processor, args, phase, step, rank):
-    """OUT/checkpoints/<phase>-<step>/ (I10): the model for any transformers user (gathered on rank 0, written
-    with save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
-    (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
-    mid-write leaves the previous checkpoint whole. OUT/checkpoint links to the newest; --keep are kept."""
-    root = os.path.join(args.out, "checkpoints")
-    name = f"{phase}-{step:06d}"
-    tmp = os.path.join(root, ".tmp-" + name)
-    options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = dsd.get_model_state_dict(model, options=options)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        with transformers_class(model):
-            model.save_pretrained(tmp, state_dict=full)
-        processor.save_pretrained(tmp)
-        progress = {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)}
-        json.dump(progress, open(os.path.join(tmp, "progress.json"), "w"), indent=1)
-    model_sd, optim_sd = dsd.get_state_dict(model, opt)
-    train_state = {"model": model_sd, "optim": optim_sd}
-    if ref is not None:
-        train_state["ref"] = dsd.get_model_state_dict(ref)
-    dcp.save(train_state, checkpoint_id=os.path.join(tmp, "train_state"))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # a run repeated in the same --out
-        os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
-        link = os.path.join(args.out, "checkpoint")
-        if os.path.lexists(link + ".tmp"):  # left by a kill
-            os.remove(link + ".tmp")
-        os.symlink(os.path.join("checkpoints", name), link + ".tmp")
-        os.replace(link + ".tmp", link)
-        done = [d for d in os.listdir(root) if not d.startswith(".")]
-        done.sort(key=lambda d: os.path.getmtime(os.path.join(root, d)))
-        for old in done[: -args.keep]:
-            shutil.rmtree(os.path.join(root, old))
-    barrier()
-
-
-@contextlib.contextmanager
-def transformers_class(model):
-    """FSDP2 gives a sharded model a class of its own, FSDP<Name>, whose method resolution order is
-    (FSDP<Name>, FSDPModule, <Name>, ...). save_pretrained writes the hub's key layout only for transformers'
-    own classes, so for the call the model wears <Name> again."""
-    cls = type(model)
-    if isinstance(model, FSDPModule):
-        model.__class__ = cls.__mro__[2]
-    yield model
-    model.__class__ = cls
-
-
-def resume(model, opt, sched, ref, args):
-    """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
-    path = os.path.join(args.out, "checkpoint")
-    model_sd, optim_sd = dsd.get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ref is not None:
-        state["ref"] = dsd.get_model_state_dict(ref)
-    # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
-    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), planner=planner)
-    dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if ref is not None:
-        dsd.set_model_state_dict(ref, state["ref"])
-    sched.load_state_dict(json.load(open(os.path.join(path, "progress.json")))["sched"])
-
-
-# ============================================================================ engineering: data
-def fail(message):
-    """A mistake in the input ends the run: one line naming it, exit status 2 (as for a bad flag)."""
-    print(f"grpo_vl.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def load_examples_or_exit(spec, which, args, max_rows=0, sft=False):
-    """data.load_examples, before any model is loaded: a missing or unreadable file, bad JSON, an unknown
-    schema or a bad row (for SFT also a row with nothing to learn from) ends the run: one line, exit 2."""
-    try:
-        exs = data.load_examples(spec, which, args.seed, args.skip_bad_rows, max_rows)
-        if sft:
-            bad = [ex["row"] for ex in exs if not (ex.get("solution") or ex.get("target"))]
-            why = "no 'solution' or assistant turn to learn from"
-        else:
-            bad = [ex["row"] for ex in exs if ex["answer"] is None]
-            why = "no answer to reward (chat rows are SFT data)"
-        if bad:
-            raise ValueError(f"data set {spec!r}, row {bad[0]}: {why}")
-        return exs
-    except (ValueError, OSError) as e:
-        fail(e)
-
-
-def within_prompt_cap(exs, spec, args, processor):
-    """A prompt is never cut, since it holds image tokens (I4): one over --max-prompt-tokens, measured through
-    the processor, is a bad row: it ends the run (exit 2), or with --skip-bad-rows is skipped and counted."""
-    if not args.max_prompt_tokens:
-        return exs
-    kept = []
-    for ex in exs:
-        n = encode(processor, [ex], args)["input_ids"].shape[1]
-        if n <= args.max_prompt_tokens:
-            kept.append(ex)
-        elif not args.skip_bad_rows:
-            fail(data.BadRow(spec, ex["row"], "question", f"{n} tokens > --max-prompt-tokens"))
-    if len(kept) < len(exs):
-        print(f"{spec}: skipped {len(exs) - len(kept)} rows whose prompts are over --max-prompt-tokens")
-    return kept
-
-
-# ============================================================================ engineering: models
-TINY_TEMPLATE = (  # Qwen2-VL's chat template, minus the default system turn
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
-    "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"] + VISION_TOKENS  # Qwen2-VL's
-
-
-def build_tiny(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
-    """A random-weight Qwen2-VL or Qwen2.5-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on
-    the spot on the prompts and the synthetic task: real processor, real model class, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    rows = data.synthetic_rows(200, 12345)
-    corpus = [data.P1 + data.P2 + data.P3] + [r["prompt"] for r in rows] + [r["solution"] for r in rows]
-    corpus += ["<think> I see the image. Wait, let me check. </think> <answer> (A) </answer> 0123456789"] * 20
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=SPECIAL, initial_alphabet=alphabet, show_progress=False
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    ids = tok.convert_tokens_to_ids
-    special = dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"], ids("<|endoftext|>"))
-    hd = (
-        hidden // 4
-    )  # head_dim; M-RoPE splits its hd/2 rotary frequencies over (t, h, w) 2:3:3 (2B: 16, 24, 24)
-    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}
-    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2)  # patch 14, merge 2
-    if qwen25:  # the 2.5 tower names its sizes differently and adds windowed attention
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden)
-        vision.update(window_size=56, fullatt_block_indexes=[1])
-    cfg = (tf.Qwen2_5_VLConfig if qwen25 else tf.Qwen2VLConfig)(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_attention_heads=4,
-            num_hidden_layers=layers,
-            num_key_value_heads=2,
-            rope_parameters=rope,
-            **special,
-        ),
-        vision_config={**vision, **(tower or {})},  # tower: overrides (the bench's vision-heavy model)
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-        **special,
-    )
-    torch.manual_seed(seed)
-    model = (tf.Qwen2_5_VLForConditionalGeneration if qwen25 else tf.Qwen2VLForConditionalGeneration)(cfg)
-    processor = (tf.Qwen2_5_VLProcessor if qwen25 else tf.Qwen2VLProcessor)(
-        image_processor=tf.Qwen2VLImageProcessor(),
-        tokenizer=tok,
-        video_processor=tf.Qwen2VLVideoProcessor(),
-        chat_template=TINY_TEMPLATE,
-    )
-    return model, processor
-
-
-def load_model(args):
-    """(model, processor, eos ids, banned ids). Real models through the auto classes, fp32 master weights."""
-    if args.model in ("tiny", "tiny-2.5"):
-        model, processor = build_tiny(args.seed, qwen25=args.model == "tiny-2.5")
-    else:
-        model = tf.AutoModelForImageTextToText.from_pretrained(
-            args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
-        )
-        processor = tf.AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    gen_eos = model.generation_config.eos_token_id  # an int or a list
-    eos += gen_eos if isinstance(gen_eos, list) else [gen_eos]
-    eos = sorted({i for i in eos if i is not None})
-    # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
-    # penalty 1.05). Replace it: RL must sample from, and score, the plain tempered distribution (G8).
-    model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    banned = tok.convert_tokens_to_ids(VISION_TOKENS)
-    return model, processor, eos, banned
 
 
 if __name__ == "__main__":
