@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from statistics import fmean
 from types import SimpleNamespace
 
 import torch
@@ -319,7 +320,6 @@ def grpo_step(step, exs, args, stage_args, run):
     stats["clip_frac"] = clip_frac
     stats["loss"] = loss_sum
     stats = over_ranks(stats, device)
-    stats["completion_len_max"] = over_ranks({"m": max(n_tok)}, device, dist.ReduceOp.MAX)["m"]
     stats["grad_norm"] = grad_norm
     stats["lr"] = lr
     stats["time/rollout"] = t1 - t0
@@ -526,14 +526,12 @@ def barrier(finish=False):
             dist.destroy_process_group()
 
 
-def over_ranks(stats, device, op=dist.ReduceOp.SUM):
-    """Each value's mean over ranks (ranks hold equal numbers of completions), or its max."""
+def over_ranks(stats, device):
+    """Each value's mean over the ranks (which hold equal numbers of completions)."""
     if dist.is_initialized():
         t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=op)
-        if op == dist.ReduceOp.SUM:
-            t = t / dist.get_world_size()
-        stats = dict(zip(stats, t.tolist()))
+        dist.all_reduce(t)
+        stats = dict(zip(stats, (t / dist.get_world_size()).tolist()))
     return stats
 
 
@@ -550,10 +548,7 @@ def load_models(args, rank, world, device, mesh):
     except OSError as e:  # not a model folder, or a hub id that is neither cached nor reachable
         fail(f"--model {args.model!r}: cannot load it ({str(e).splitlines()[0]})")
     tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    gen_eos = model.generation_config.eos_token_id  # an int or a list
-    eos += gen_eos if isinstance(gen_eos, list) else [gen_eos]
-    eos = sorted({i for i in eos if i is not None})
+    eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])  # what ends a completion (G9)
     # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
     # penalty 1.05): RL samples from, and scores, the plain distribution at T (G8, I1), and never samples a
     # vision token (I5), which would break the scoring forward.
@@ -789,40 +784,33 @@ def run_eval(exs, args, run, name):
             o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions
             lengths = completion_mask(o, run.eos)[0].sum(1)  # counted as G9 counts them
             for ex, text, n in zip(chunk, run.processor.batch_decode(o, True), lengths):
-                correct, formatted = judge(completion_text(text, args), ex, PROMPT[args.variant])
-                results.append({"task": ex["task"], "source": ex["source"], "correct": correct})
-                results[-1]["format"] = formatted
-                results[-1]["length"] = float(n)
+                text = completion_text(text, args)
+                result = {"task": ex["task"], "source": ex["source"], "length": float(n)}
+                if PROMPT[args.variant] == "step":  # judged as the rewards judge: P3's sections (R4, R5)
+                    result["correct"] = float(R.is_correct(R.step_answer(text), ex))
+                    result["format"] = R.step_validity(text)
+                else:  # or the tags (R1, R2)
+                    result["correct"] = R.accuracy(text, ex)
+                    result["format"] = R.think_answer_format(text)
+                results.append(result)
     if run.world > 1:  # every rank's results
         everyone = [None] * run.world
         dist.all_gather_object(everyone, results)
         results = [r for rs in everyone for r in rs]
     report = {"n": len(results)}
-    report["accuracy"] = mean(r["correct"] for r in results)
-    report["format"] = mean(r["format"] for r in results)
-    report["completion_len"] = mean(r["length"] for r in results)
-    report["per_task"] = {}
-    for task in sorted({r["task"] for r in results}):
-        report["per_task"][task] = mean(r["correct"] for r in results if r["task"] == task)
-    acc = {s: mean(r["correct"] for r in results if r["source"] == s) for s in ("ADE20K", "COCO", "Omni3D")}
-    if {"ADE20K", "COCO", "Omni3D"} <= {r["source"] for r in results}:
-        report["cvbench_combined"] = ((acc["ADE20K"] + acc["COCO"]) / 2 + acc["Omni3D"]) / 2
+    report["accuracy"] = fmean(r["correct"] for r in results)
+    report["format"] = fmean(r["format"] for r in results)
+    report["completion_len"] = fmean(r["length"] for r in results)
+    tasks = sorted({r["task"] for r in results})
+    report["per_task"] = {t: fmean(r["correct"] for r in results if r["task"] == t) for t in tasks}
+    by_source = {s: [r["correct"] for r in results if r["source"] == s] for s in ("ADE20K", "COCO", "Omni3D")}
+    if all(by_source.values()):  # CV-Bench's combined score: ((ADE20K + COCO) / 2 + Omni3D) / 2
+        ade, coco, omni = (fmean(by_source[s]) for s in ("ADE20K", "COCO", "Omni3D"))
+        report["cvbench_combined"] = ((ade + coco) / 2 + omni) / 2
     if run.rank == 0:
         print(f"{name}: {json.dumps(report)}")
         json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
     return report
-
-
-def mean(values):
-    values = list(values)
-    return sum(values) / max(len(values), 1)
-
-
-def judge(text, ex, style):
-    """(correct, well formatted), as the recipe's rewards read it: P3 sections (R4/R5), else tags (R1/R2)."""
-    if style == "step":
-        return float(R.is_correct(R.step_answer(text), ex)), R.step_validity(text)
-    return R.accuracy(text, ex), R.think_answer_format(text)
 
 
 # ------------------------------------------------------------------ checkpoints and metrics
@@ -838,8 +826,7 @@ def save_checkpoint(run, opt, sched, args, phase, step):
     full = dsd.get_model_state_dict(run.model, options=options)
     if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        with transformers_class(run.model):
-            run.model.save_pretrained(tmp, state_dict=full)
+        run.model.save_pretrained(tmp, state_dict=full)  # FSDP's class writes the hub's key layout too
         run.processor.save_pretrained(tmp)
         progress = {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)}
         json.dump(progress, open(os.path.join(tmp, "progress.json"), "w"), indent=1)
@@ -867,18 +854,6 @@ def train_state(model, opt, ref):
     if ref is not None:
         state["ref"] = dsd.get_model_state_dict(ref)
     return state
-
-
-@contextlib.contextmanager
-def transformers_class(model):
-    """FSDP2 gives a sharded model a class of its own, FSDP<Name>, whose method resolution order is
-    (FSDP<Name>, FSDPModule, <Name>, ...). save_pretrained writes the hub's key layout only for transformers'
-    own classes, so for the call the model wears <Name> again."""
-    cls = type(model)
-    if isinstance(model, FSDPModule):
-        model.__class__ = cls.__mro__[2]
-    yield model
-    model.__class__ = cls
 
 
 def resume(model, opt, sched, ref, args):

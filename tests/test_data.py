@@ -1,13 +1,18 @@
-"""Schema D adapters on local files, bad rows, prompts P1/P2, and the synthetic task."""
+"""Schema D adapters on local files, bad rows and data errors (one line each), prompts P1/P2, and the
+synthetic task of tests/shapes.py (a JSON Lines data set in the plain schema)."""
 
 import io
+import json
 import os
 
 import pytest
 from PIL import Image
 
 import data
-from data import load_examples, synthetic_rows
+import shapes
+import tiny
+from data import load_examples
+from shapes import synthetic_rows
 
 
 def png(color=(255, 0, 0), size=(60, 40)):
@@ -24,7 +29,7 @@ def write_parquet(tmp_path, columns, name="d.parquet"):
     return path
 
 
-def test_synthetic_is_deterministic_and_in_cvbench_schema():
+def test_synthetic_is_deterministic_and_in_cvbench_schema(tmp_path):
     a, b, c = synthetic_rows(12, 0), synthetic_rows(12, 0), synthetic_rows(12, 1)
     assert [r["prompt"] for r in a] == [r["prompt"] for r in b] != [r["prompt"] for r in c]
     assert [r["task"] for r in a[:4]] == ["Count", "Relation", "Depth", "Distance"]
@@ -34,8 +39,10 @@ def test_synthetic_is_deterministic_and_in_cvbench_schema():
             r["answer"] == f"({letter})" and f"({letter}) {r['choices']['ABCD'.index(letter)]}" in r["prompt"]
         )
         assert r["source"] in ("ADE20K", "COCO", "Omni3D") and r["type"] in ("2D", "3D")
-    train, test = load_examples("synthetic:8", "train"), load_examples("synthetic:8", "test")
-    assert [e["question"] for e in train] != [e["question"] for e in test]  # held-out split
+    # held-out data is drawn with the next seed
+    train = load_examples(shapes.write(str(tmp_path / "train"), 8, 0), "train")
+    test = load_examples(shapes.write(str(tmp_path / "test"), 8, 1), "test")
+    assert [e["question"] for e in train] != [e["question"] for e in test]
 
 
 def centroid_x(img, rgb):
@@ -56,7 +63,7 @@ def test_synthetic_relation_answers_are_right():
         if c1 == c2:
             continue
         gold = r["choices"]["ABCD".index(r["answer"][1])]
-        left = centroid_x(r["image"], data.COLORS[c1]) < centroid_x(r["image"], data.COLORS[c2])
+        left = centroid_x(r["image"], shapes.COLORS[c1]) < centroid_x(r["image"], shapes.COLORS[c2])
         assert gold == ("left" if left else "right"), r["question"]
         checked += 1
     assert checked > 20
@@ -68,7 +75,7 @@ def test_synthetic_color_answers_are_the_shapes_colour_with_choices_in_one_order
     for r in rows:
         assert r["choices"] == ["red", "green", "blue", "yellow"] and r["source"] in ("ADE20K", "COCO")
         counts = {rgb: n for n, rgb in r["image"].getcolors(1 << 16)}
-        pixels = {c: counts.get(rgb, 0) for c, rgb in data.COLORS.items()}
+        pixels = {c: counts.get(rgb, 0) for c, rgb in shapes.COLORS.items()}
         gold = r["choices"]["ABCD".index(r["answer"][1])]
         assert (
             max(pixels, key=pixels.get) == gold and pixels[gold] > 0.1 * r["image"].width * r["image"].height
@@ -77,16 +84,19 @@ def test_synthetic_color_answers_are_the_shapes_colour_with_choices_in_one_order
     assert len({r["answer"] for r in rows}) == 4  # every colour occurs
 
 
-def test_synthetic_spec_picks_size_and_tasks():
-    assert [e["task"] for e in load_examples("synthetic:5:Color,Depth", "train")] == [
-        "Color",
-        "Depth",
-    ] * 2 + ["Color"]
-    assert len(load_examples("synthetic::Color", "train")) == 2000
-    default = load_examples("synthetic:4", "train")
-    assert [e["question"] for e in default] == [r["prompt"] for r in synthetic_rows(4, 0)]
-    with pytest.raises(ValueError, match="'synthetic:8:Colour': no synthetic task 'Colour'"):
-        load_examples("synthetic:8:Colour", "train")
+def test_synthetic_file_picks_size_and_tasks_and_loads_as_drawn(tmp_path):
+    """shapes.write: n rows of the given tasks in turn, as a JSON Lines file whose images are PNGs beside it
+    (relative paths); loaded, they are the rows synthetic_rows draws, pixel for pixel."""
+    path = shapes.write(str(tmp_path / "cd"), 5, 0, ("Color", "Depth"))
+    assert [e["task"] for e in load_examples(path, "train")] == ["Color", "Depth"] * 2 + ["Color"]
+    exs = load_examples(shapes.write(str(tmp_path / "four"), 4, 0), "train")
+    rows = synthetic_rows(4, 0)
+    assert [e["question"] for e in exs] == [r["prompt"] for r in rows]
+    assert [e["images"] for e in exs] == [
+        [str(tmp_path / "four" / "images" / f"{i:05d}.png")] for i in range(4)
+    ]
+    assert all(Image.open(e["images"][0]).tobytes() == r["image"].tobytes() for e, r in zip(exs, rows))
+    assert [e["row"] for e in exs] == [0, 1, 2, 3] and all(e["key_steps"] for e in exs)
 
 
 def test_cvbench_adapter_on_a_local_parquet(tmp_path):
@@ -170,9 +180,89 @@ def test_bad_rows_name_data_set_row_and_column(tmp_path, columns, where):
     assert path in str(e.value)
 
 
-def test_prompts_p1_and_p2(tiny, examples):
-    _, processor, _, _ = tiny
-    ex = examples[0]
+def test_data_errors_are_one_line_naming_the_data_set(tmp_path, monkeypatch):
+    """Whatever is wrong with a file (not there, not UTF-8, not readable, bad JSON, no known schema, no such
+    split) is one ValueError line that starts with the data set's name, and names the JSON line."""
+    import datasets
+
+    good = json.dumps({"image": "a.png", "question": "q", "answer": "1"})
+    (tmp_path / "lines.jsonl").write_text(good + "\n" + good + '\n{"image": "a.png",\n')
+    (tmp_path / "listed.json").write_text('[\n {"image": "a.png"},\n {"image": }\n]')
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00\x01")
+    (tmp_path / "rows.txt").write_text(good)
+    (tmp_path / "other.jsonl").write_text(json.dumps({"picture": "a.png", "text": "hi"}) + "\n")
+    (tmp_path / "set").mkdir()
+    for split in ("train", "validation"):
+        datasets.Dataset.from_list([{"image": png(), "question": split, "answer": "1"}]).to_parquet(
+            tmp_path / "set" / f"{split}.parquet"
+        )
+    cases = [
+        ("nope.jsonl", "train", ": no such file or folder"),
+        ("lines.jsonl", "train", ", line 3: not valid JSON (Expecting property name"),
+        ("listed.json", "train", ", line 3: not valid JSON (Expecting value)"),
+        ("binary.jsonl", "train", ": not UTF-8 text (invalid start byte at byte 0)"),
+        ("rows.txt", "train", ": expected a .json, .jsonl, .parquet or .csv file"),
+        ("other.jsonl", "train", ": columns ['picture', 'text'] match no known schema; expected plain"),
+        ("set", "test", ": no 'test' split (it has train, validation)"),
+    ]
+    for name, split, message in cases:
+        with pytest.raises(ValueError) as e:
+            load_examples(str(tmp_path / name), split)
+        line = str(e.value)
+        assert line.startswith(f"data set {str(tmp_path / name)!r}{message}") and "\n" not in line, line
+    assert load_examples(str(tmp_path / "set"), "validation")[0]["question"] == "validation"
+    with pytest.raises(ValueError, match="nobody/no-such-set': cannot load it \\("):
+        load_examples("nobody/no-such-set", "train")  # a hub id that cannot be fetched
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(data, "open", unreadable, raising=False)  # read_json's open
+    with pytest.raises(ValueError, match="lines.jsonl': cannot read it \\(Permission denied\\)$"):
+        load_examples(str(tmp_path / "lines.jsonl"), "train")
+
+
+def test_rl_rows_need_an_answer_and_sft_rows_something_to_learn_from(tmp_path, capsys):
+    """Chat rows are SFT data: as RL data (sft=False) they are bad rows; for SFT a row needs a solution or an
+    assistant turn. Like any bad row they stop the load, or with skip_bad are skipped and counted."""
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    chat = {
+        "image": "a.png",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    }
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    with pytest.raises(ValueError, match="row 0, column 'answer': no answer to reward \\(chat rows are SFT"):
+        load_examples(str(tmp_path / "chat.jsonl"), "train")
+    (ex,) = load_examples(str(tmp_path / "chat.jsonl"), "train", sft=True)
+    assert ex["target"] == "a" and ex["answer"] is None and ex["row"] == 0
+    rows = [
+        {"image": "a.png", "question": "q", "answer": "1", "solution": "It is 1."},
+        {"image": "a.png", "question": "q", "answer": "2"},
+    ]
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_examples(str(tmp_path / "plain.jsonl"), "train")) == 2
+    message = "row 1, column 'solution': no 'solution' or assistant turn to learn from"
+    with pytest.raises(ValueError, match=message):
+        load_examples(str(tmp_path / "plain.jsonl"), "train", sft=True)
+    capsys.readouterr()
+    (ex,) = load_examples(str(tmp_path / "plain.jsonl"), "train", sft=True, skip_bad=True)
+    assert ex["row"] == 0 and capsys.readouterr().out == (
+        f"{tmp_path / 'plain.jsonl'}: skipped 1 bad rows: 1 x solution: no 'solution' or assistant turn to "
+        "learn from\n"
+    )
+    with pytest.raises(ValueError, match="chat.jsonl' \\(split 'train'\\) has no usable rows"):
+        load_examples(str(tmp_path / "chat.jsonl"), "train", skip_bad=True)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny.model_dir())
+
+
+def test_prompts_p1_and_p2(processor):
+    ex = load_examples(tiny.data_file(16), "train", seed=0)[0]
     p1 = data.prompt_text(ex, "base", processor)
     assert p1.startswith(
         "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant."
@@ -206,8 +296,6 @@ def test_corrupt_embedded_image_names_its_row(tmp_path):
 def test_plain_rows_any_image_and_question_column_letters_and_relative_paths(tmp_path):
     """The plain schema: image | images | image_path, question | prompt | problem, answer; choices with the
     answer as text or letter; relative image paths are relative to the data file's folder."""
-    import json
-
     (tmp_path / "img").mkdir()
     Image.new("RGB", (40, 30), "red").save(tmp_path / "img" / "a.png")
     rows = [
@@ -233,7 +321,9 @@ def test_plain_rows_any_image_and_question_column_letters_and_relative_paths(tmp
         {**e, "source": str(tmp_path / "plain.json")} for e in exs
     ]
     path.write_text(json.dumps({**rows[0], "choices": ["x", "y"], "answer": "C"}))
-    with pytest.raises(ValueError, match="row 0, column 'answer': neither one of the choices nor a letter of one \('C'\)"):
+    with pytest.raises(
+        ValueError, match=r"row 0, column 'answer': neither one of the choices nor a letter of one \('C'\)"
+    ):
         load_examples(str(path), "train")
 
 
@@ -279,5 +369,5 @@ def test_r1zero_default_is_15k_sat_rows_for_3750_steps_and_tiny_still_loads():
         a = g.parse_args(["--variant", variant])
         assert (a.data, a.max_rows, a.epochs * a.max_rows // a.prompts_per_step) == ("array/SAT", 15000, 3750)
     assert "**3,750 steps**" in open(os.path.join(os.path.dirname(data.__file__), "README.md")).read()
-    tiny = g.parse_args(["--model", "tiny"])  # offline synthetic data: 2,000 rows, under the cap
-    assert len(load_examples(tiny.data, "train", max_rows=tiny.max_rows)) == 2000
+    demo = g.parse_args(tiny.flags())  # the tiny run's synthetic data: 2,000 rows, under the cap
+    assert len(load_examples(demo.data, "train", max_rows=demo.max_rows)) == 2000
