@@ -1,8 +1,8 @@
-"""Data: the prompts (P1-P4), the data set adapters (D), and batching.
-
-An example: {"images": [PIL / path / URL / bytes], "question", "answer": gold text or None, "choices": [option
-texts] or None, "task", "source", "row"} plus, for SFT and StepGRPO, "solution" (P3 sections or free text),
-"key_steps" ([[equivalent forms], ...]) or "target" (a chat row's reply).
+"""Data: the prompts (P1-P4), and the data sets, each row turned into one example:
+{"images": [PIL / path / URL / bytes], "question", "answer": the gold text (None for a chat row), "choices":
+[option texts] or None, "task", "source", "row"}, plus "solution" and "key_steps" (step-wise rows, R4) or
+"target" (a chat row's reply, for SFT). Any mistake in a data set is one ValueError line naming the data
+set and the row and column, or the JSON line.
 """
 
 import collections
@@ -43,11 +43,11 @@ P3 = (
 )
 # P4 (Vision-R1 arXiv 2503.06749): the question alone, as its release's inference.py sends it; the
 # <think>/<answer> format is taught by the cold-start SFT, not by the prompt.
-PROMPT_STYLES = ("base", "instruct", "step", "plain")  # P1, P2, P3, P4
 
 
 def prompt_text(ex, style, processor):
-    """One <|image_pad|> per image (the processor expands it); a chat SFT row's user turn is sent as is."""
+    """The prompt of style base (P1), instruct (P2), step (P3) or plain (P4), with one <|image_pad|> per image
+    (the processor expands it); a chat row's user turn is sent as it is."""
     if style == "base":
         return P1.format(question=ex["question"])
     style = "plain" if ex.get("target") else style
@@ -77,104 +77,102 @@ def encode(processor, examples, style, max_pixels):
 
 
 def sft_target(ex, style):
-    """What SFT teaches: a chat row's reply, or the solution (free text gets a final-answer line) -- as it is
-    for P3, as <think>...</think><answer>...</answer> for the others (P1 has opened the <think>)."""
+    """What SFT teaches: a chat row's reply, or the solution (free text, or none, gets a final-answer line)
+    -- as it is for P3, as <think>...</think><answer>...</answer> for the others (P1 opened the <think>)."""
     if ex.get("target"):
         return ex["target"]
-    solution = ex["solution"] if FINAL in ex["solution"] else f"{ex['solution']}\n{FINAL} {ex['answer']}"
+    solution = ex.get("solution") or ""
+    if FINAL not in solution:
+        solution = f"{solution}\n{FINAL} {ex['answer']}"
     if style == "step":
-        return solution
+        return solution.strip()
     reasoning, _, answer = solution.rpartition(FINAL)
     reasoning = " ".join(line for line in reasoning.splitlines() if line and not line.startswith("### "))
     return ("" if style == "base" else "<think>") + f"{reasoning}</think><answer>{answer.strip()}</answer>"
 
 
-# --------------------------------------------------------------------------- adapters (D)
+# --------------------------------------------------------------------------- the schemas
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class BadRow(ValueError):
-    """BadRow(column, why): a row the run cannot use; load_examples names the data set and the row."""
+class Row(dict):
+    """A data row that remembers the column read last: an error while reading the row names that column."""
+
+    column = "row"
+
+    def __getitem__(self, column):
+        self.column = column
+        return super().__getitem__(column)
+
+    def get(self, column, default=None):
+        self.column = column
+        return super().get(column, default)
 
 
-def row_images(row, spec):
-    """The row's images (SAT's in `image_bytes`), each header read now (not its pixels) so that an unreadable
-    one is named at load time; a relative path (no http:, file:, data:) starts at the data file's folder."""
-    column = next((c for c in ("images", "image", "image_path", "image_bytes") if row.get(c)), None)
-    if column is None:
-        raise BadRow("image", "no image (looked in 'images', 'image', 'image_path')")
-    images = row[column] if isinstance(row[column], list) else [row[column]]
-    folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
-    images = [
-        os.path.join(folder, im) if isinstance(im, str) and not re.match(r"\w+:", im) else im for im in images
-    ]
-    for im in images:
+def images_of(row, folder):
+    """The row's images, each one's header read now so that an unreadable image is named at load time; a
+    relative path (no http:, file:, data:) starts at the data file's folder."""
+    column = next((c for c in ("images", "image", "image_path", "image_bytes") if row.get(c)), "image")
+    images = list(row[column]) if isinstance(row[column], list) else [row[column]]
+    for k, im in enumerate(images):
+        if isinstance(im, str) and not re.match(r"\w+:", im):
+            images[k] = im = os.path.join(folder, im)
         try:  # bytes are opened by open_image, paths here; a PIL image is open already; URLs are left to load
-            if isinstance(im := open_image(im), str) and not im.startswith(("http://", "https://", "data:")):
+            im = open_image(im)
+            if isinstance(im, str) and not im.startswith(("http://", "https://", "data:")):
                 Image.open(im.removeprefix("file://")).close()
-        except Exception as e:  # any failure to read it is this row's fault
-            raise BadRow("image", f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
+        except Exception as e:
+            raise ValueError(f"unreadable image ({type(e).__name__}: {str(e)[:80]})") from None
         if not isinstance(im, (str, Image.Image)):
-            raise BadRow("image", f"not a path, URL, bytes or image ({type(im).__name__})")
+            raise ValueError(f"not a path, URL, bytes or image ({type(im).__name__})")
     return images
 
 
-def without_slots(text, images):
-    """The text without its <image> placeholders (the prompt places the images): none, or one per image."""
+def question_of(text, images):
+    """The question without its <image> placeholders (the prompt places the images): none, or one each."""
     if text.count("<image>") not in (0, len(images)):
-        raise BadRow("images", f"images and <image> slots differ ({len(images)} and {text.count('<image>')})")
+        raise ValueError(f"{len(images)} images but {text.count('<image>')} <image> slots")
     return text.replace("<image>", "").strip()
 
 
-def from_text(value, column):
-    """A list or dict column as it is, or as the JSON text a CSV cell (or a JSON export) holds; or None."""
-    if not isinstance(value, str):
-        return value or None
-    try:
-        return json.loads(value) if value.strip() else None
-    except json.JSONDecodeError as e:
-        raise BadRow(column, f"not valid JSON ({e.msg})") from None
+def from_json(value):
+    """A list or dict column as it is, or as the JSON text a CSV cell holds."""
+    return json.loads(value) if isinstance(value, str) and value.strip() else value
 
 
-def from_plain(row, spec):
+def from_plain(row, folder):
     """Plain rows (CV-Bench; step-wise CoT and math RL rows are plain rows with more columns): an image, a
-    question (prompt, question or problem), the gold `answer` (or the line after a solution's FINAL),
-    optional `choices` (the answer may be an option or its letter), `solution` and R1-VL's `key_steps`
+    question (prompt, question or problem), the gold answer (or the line after a solution's FINAL),
+    optional choices (the answer may be an option or its letter), a solution and R1-VL's key_steps
     {"Steps": [[forms of step 1], ...]} (a step given as a string is one form)."""
-    images = row_images(row, spec)
-    question = row.get("prompt") or row.get("question") or row.get("problem")
-    if not question:
-        raise BadRow("question", "no question (looked in 'prompt', 'question', 'problem')")
-    question = without_slots(str(question), images)
+    images = images_of(row, folder)
+    question = question_of(str(row.get("prompt") or row.get("question") or row["problem"]), images)
+    choices = from_json(row.get("choices")) or None
+    if choices is not None and not (isinstance(choices, list) and len(choices) <= 26):
+        raise ValueError("expected a list of at most 26 options")
     solution = row.get("solution")
     answer = row.get("answer")
-    if FINAL in (solution or "") and answer is None:  # step-wise CoT rows (a non-text solution: TypeError)
+    if answer is None and FINAL in (solution or ""):  # step-wise CoT rows
         answer = solution.rpartition(FINAL)[2].strip().partition("\n")[0]
-    answer = "" if answer is None else str(answer).strip()
-    if not answer:
-        raise BadRow("answer", f"no answer (nor a '{FINAL}' line in a solution)")
-    choices = from_text(row.get("choices"), "choices")
-    if choices is not None and not (isinstance(choices, list) and len(choices) <= len(LETTERS)):
-        raise BadRow("choices", f"expected a list of at most 26 options (got {type(choices).__name__})")
-    choices = [str(c) for c in choices] if choices else None
-    if choices and answer not in choices:  # then it is a letter: "B" or "(B)"
+    if not str(answer or "").strip():
+        raise ValueError(f"no answer (nor a '{FINAL}' line in a solution)")
+    answer = str(answer).strip()
+    if choices and answer not in [str(c) for c in choices]:  # then it is a letter: "B" or "(B)"
         letter = answer.strip("() ").upper()
-        if letter not in list(LETTERS[: len(choices)]):
-            raise BadRow("answer", f"neither one of the choices nor a letter of one ({answer!r})")
-        answer = choices[LETTERS.index(letter)]
+        if len(letter) != 1 or LETTERS.find(letter) not in range(len(choices)):
+            raise ValueError(f"{answer!r} is neither one of the choices nor the letter of one")
+        answer = str(choices[LETTERS.index(letter)])
     if choices and f"(A) {choices[0]}" not in question:  # list them as CV-Bench does, unless it does already
         question = with_choices(question, choices)
-    steps = from_text(row.get("key_steps"), "key_steps") or {}
-    if not isinstance(steps, dict) or not isinstance(steps.get("Steps") or [], list):
-        raise BadRow("key_steps", 'expected {"Steps": [[forms of step 1], ...]}')
+    steps = from_json(row.get("key_steps")) or {}
     steps = [[forms] if isinstance(forms, str) else list(forms) for forms in steps.get("Steps") or []]
     return dict(
         images=images,
         question=question,
         answer=answer,
-        choices=choices,
+        choices=[str(c) for c in choices] if choices else None,
         task=row.get("task") or "untagged",
-        source=row.get("source") or spec,
+        source=row.get("source"),
         solution=solution,
         key_steps=steps,
     )
@@ -186,111 +184,93 @@ def with_choices(question, choices):
     return f"{question} Select from the following choices.\n{options}"
 
 
-def turn_text(content):
-    """A chat turn's text: a string, or the text parts of a list of {"type", "text"} parts."""
-    if isinstance(content, str):
-        return content
-    return " ".join(x.get("text") or "" for x in content or [] if isinstance(x, dict))
-
-
-def from_chat(row, spec):
-    """Chat SFT rows (Mulberry-SFT, Vision-R1-cold): role/content or from/value turns, and `images`. The
-    first user turn is the prompt, the assistant turn after it the SFT target."""
-    column = "messages" if row.get("messages") else "conversations"
-    turns = [
-        (t.get("role") or t.get("from"), t.get("content") or t.get("value")) for t in row.get(column) or []
-    ]
-    roles = [{"human": "user", "gpt": "assistant"}.get(role, role) for role, _ in turns]
-    if "user" not in roles or "assistant" not in roles[roles.index("user") :]:
-        raise BadRow(column, "needs a user turn followed by an assistant turn")
+def from_chat(row, folder):
+    """Chat SFT rows (LLaMA-Factory's sharegpt: Mulberry-SFT, Vision-R1-cold): role/content or from/value
+    turns, and images. The first user turn is the prompt, the assistant turn after it the SFT target."""
+    roles = []
+    texts = []
+    for turn in row.get("messages") or row["conversations"]:
+        role = turn.get("role") or turn.get("from")
+        roles.append({"human": "user", "gpt": "assistant"}.get(role, role))
+        content = turn.get("content") or turn.get("value") or ""
+        if not isinstance(content, str):  # a list of {"type", "text"} parts
+            content = " ".join(part.get("text") or "" for part in content if isinstance(part, dict))
+        texts.append(content)
     user = roles.index("user")
-    images = row_images(row, spec)
-    question = without_slots(turn_text(turns[user][1]), images)
-    target = turn_text(turns[roles.index("assistant", user)][1])
-    return dict(
-        images=images, question=question, answer=None, choices=None, task="sft", source=spec, target=target
-    )
+    reply = roles.index("assistant", user)
+    images = images_of(row, folder)
+    question = question_of(texts[user], images)
+    return dict(images=images, question=question, answer=None, choices=None, task="sft", target=texts[reply])
 
 
-def from_sat(row, spec, rng):
-    """SAT: options shuffled with a seeded RNG; the question names them; the gold is the answer text."""
-    if not row.get("correct_answer"):
-        raise BadRow("correct_answer", "no answer")
+def from_sat(row, folder, rng):
+    """SAT (array/SAT, r1zero's data): the options shuffled with a seeded RNG and named in the question; the
+    gold is the answer's text."""
     options = rng.sample(list(row["answers"]), len(row["answers"]))
     answer = str(row["correct_answer"])
     if answer not in [str(o) for o in options]:
-        raise BadRow("correct_answer", f"not one of the answers ({answer!r})")
+        raise ValueError(f"{answer!r} is not one of the answers")
     q = f"{row['question']} Choose between the following options: {', '.join(options[:-1])} or {options[-1]}"
-    images = row_images(row, spec)
-    return dict(images=images, question=q, answer=answer, choices=None, task="SAT", source="SAT")
+    return dict(
+        images=images_of(row, folder), question=q, answer=answer, choices=None, task="SAT", source="SAT"
+    )
 
 
 # --------------------------------------------------------------------------- loading
-FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def read_json(path):
-    """The rows of a .json/.jsonl file: one list of objects, or one object a line. Parsed here rather than by
-    datasets, so that a syntax error names its line, and rows need not agree on their columns' types."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data set {path!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:  # a file we may not read
-        raise ValueError(f"data set {path!r}: cannot read it ({e.strerror})") from None
-    listed = text.lstrip().startswith("[")
-    try:
-        if listed:
-            rows = json.loads(text)
-        else:  # JSON Lines
+def read_rows(spec, split):
+    """A .json/.jsonl file, parsed here (an error names its line; rows need not agree on their columns'
+    types), or a .parquet/.csv file, a data set folder or a hub id, through datasets (memory-mapped)."""
+    ext = os.path.splitext(spec)[1]
+    if ext in (".json", ".jsonl") and os.path.isfile(spec):
+        text = open(spec, encoding="utf-8").read()
+        listed = text.lstrip().startswith("[")  # a JSON list, else JSON Lines
+        try:
+            if listed:
+                return json.loads(text)
             rows = []
             for n, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
-        line = e.lineno if listed else n
-        raise ValueError(f"data set {path!r}, line {line}: not valid JSON ({e.msg})") from None
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise ValueError(f"data set {path!r}: expected a list of JSON objects, or one object a line")
-    return rows
-
-
-def read_table(spec, split):
-    """A .parquet/.csv file, a data set folder or a hub id, through datasets: a memory-mapped table."""
+            return rows
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {e.lineno if listed else n}: not valid JSON ({e.msg})") from None
+    if os.path.isfile(spec) and ext not in (".parquet", ".csv"):
+        raise ValueError("expected a .json, .jsonl, .parquet or .csv file")
     import datasets  # imported here: a JSON data set starts fast
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is reported below, in one line
-    try:
-        if os.path.isfile(spec):
-            ds = datasets.load_dataset(FILE_TYPES[os.path.splitext(spec)[1]], data_files=spec)
-        else:
-            ds = datasets.load_dataset(spec)
-    except Exception as e:  # whatever it is, it is this data set's: say what, in one line
-        if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__:
-            e = e.__cause__  # what went wrong inside datasets' generic wrapper
-        first_line = str(e).partition("\n")[0]
-        raise ValueError(f"data set {spec!r}: cannot load it ({type(e).__name__}: {first_line})") from None
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is reported in one line
+    if os.path.isfile(spec):
+        ds = datasets.load_dataset(ext[1:], data_files=spec)
+    elif os.path.isdir(spec) or (not os.path.splitext(spec)[1] and re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
+        ds = datasets.load_dataset(spec)
+    else:
+        raise ValueError("no such file or folder")
     if split not in ds and len(ds) > 1:  # never evaluate on the training split by mistake
-        raise ValueError(f"data set {spec!r}: no {split!r} split (it has {', '.join(ds)})")
+        raise ValueError(f"no {split!r} split (it has {', '.join(ds)})")
     return ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only one
+
+
+def one_line(e):
+    """An exception as one line: its message, after its type unless it is a plain ValueError."""
+    text = str(e).partition("\n")[0]
+    return text if type(e) is ValueError else f"{type(e).__name__}: {text}"
 
 
 def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
     """A .json/.jsonl/.parquet/.csv file, a data set folder or a hub id -> examples. Only the rows used are
-    read (SAT's single-image ones; a seeded sample of max_rows, 0: all), images only when batched. A row
-    must hold an answer to reward, or with sft something to learn from. Any failure is one ValueError line
-    naming the data set; a bad row stops the load (row and column named), or with skip_bad is counted."""
-    ext = os.path.splitext(spec)[1]
-    if not os.path.exists(spec) and (ext in FILE_TYPES or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
-        raise ValueError(f"data set {spec!r}: no such file or folder")
-    if os.path.isfile(spec) and ext not in FILE_TYPES:
-        raise ValueError(f"data set {spec!r}: expected a .json, .jsonl, .parquet or .csv file")
-    rows = read_json(spec) if ext in (".json", ".jsonl") and os.path.isfile(spec) else read_table(spec, split)
-    columns = set().union(*rows) if isinstance(rows, list) else set(rows.column_names)
+    read (SAT's single-image ones; a seeded sample of max_rows, 0: all), their images only when batched. A
+    row must hold an answer to reward (a chat row is SFT data). A bad row stops the load, or with skip_bad
+    is skipped and counted."""
+    try:
+        rows = read_rows(spec, split)
+        columns = set().union(*rows) if isinstance(rows, list) else set(rows.column_names)
+    except Exception as e:  # whatever it is, it is this data set's: one line
+        e = e.__cause__ or e  # what went wrong inside datasets' generic wrapper
+        raise ValueError(f"data set {spec!r}: {one_line(e)}") from None
     keep = list(range(len(rows)))
-    if "image_bytes" in columns:  # SAT: single-image rows only (r1zero trains on those)
+    folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
+    if "image_bytes" in columns:  # SAT: r1zero trains on its single-image rows
         adapter = functools.partial(from_sat, rng=random.Random(seed))
         if isinstance(rows, list):
             counts = [len(row.get("image_bytes") or []) for row in rows]
@@ -304,9 +284,9 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
         adapter = from_plain
     else:
         raise ValueError(
-            f"data set {spec!r}: columns {sorted(columns)} match no known schema; expected plain "
-            "(image|images|image_path, prompt|question|problem, answer|solution), SAT (image_bytes, "
-            "question, answers, correct_answer) or chat (messages|conversations, images)"
+            f"data set {spec!r}: columns {sorted(columns)} match no known schema: plain (image, question, "
+            "answer; README.md names their other spellings), SAT (image_bytes, question, answers, "
+            "correct_answer) or chat (messages or conversations, images)"
         )
     if 0 < max_rows < len(keep):  # a seeded sample, drawn before any row is read
         keep = sorted(random.Random(seed).sample(keep, max_rows))
@@ -314,26 +294,23 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
     if isinstance(rows, list):
         rows = [rows[i] for i in keep]
     else:  # only the kept rows are read, a batch at a time, images as stored ({"bytes", "path"}), undecoded
-        rows = itertools.chain.from_iterable(
-            b.to_pylist() for b in rows.select(keep).with_format("arrow").iter(256)
-        )
+        batches = rows.select(keep).with_format("arrow").iter(256)
+        rows = itertools.chain.from_iterable(batch.to_pylist() for batch in batches)
     out = []
     skipped = collections.Counter()
     for i, row in zip(keep, rows):
-        try:  # whatever is wrong with a row ends here
-            ex = adapter(row, spec)
-            if sft and not (ex.get("solution") or ex.get("target")):
-                raise BadRow("solution", "no 'solution' or assistant turn to learn from")
-            if not sft and ex["answer"] is None:
-                raise BadRow("answer", "no answer to reward (chat rows are SFT data)")
-            out.append({**ex, "row": i})
-        except (ValueError, LookupError, TypeError, AttributeError) as e:
-            if not isinstance(e, BadRow):  # a missing column, or a value of a type the adapter did not expect
-                e = BadRow("row", f"a missing column or a value of the wrong type ({type(e).__name__}: {e})")
-            column, why = e.args
+        row = Row(row)
+        try:  # whatever is wrong with a row ends here, named by its column
+            ex = adapter(row, folder)
+            if ex["answer"] is None and not sft:
+                row.column = "answer"
+                raise ValueError("no answer to reward (chat rows are SFT data)")
+            out.append({**ex, "source": ex.get("source") or spec, "row": i})
+        except Exception as e:
+            why = one_line(e)
             if not skip_bad:
-                raise ValueError(f"data set {spec!r}, row {i}, column {column!r}: {why}") from None
-            skipped[f"{column}: {why.split(' (')[0]}"] += 1  # counted without the details in parentheses
+                raise ValueError(f"data set {spec!r}, row {i}, column {row.column!r}: {why}") from None
+            skipped[f"{row.column}: {re.split(r' [(]|: ', why)[0]}"] += 1  # counted without the details
     if skipped:
         counts = ", ".join(f"{n} x {reason}" for reason, n in skipped.items())
         print(f"{spec}: skipped {sum(skipped.values())} bad rows: {counts}")

@@ -94,7 +94,9 @@ class Args:
     eval_every: int = flag(0, "evaluate on --eval-data at the start of RL, every N steps and at the end")
     eval: bool = flag(False, "only evaluate --model on --eval-data (greedy), write OUT/eval.json")
     eval_max_new_tokens: int = flag(1024, "cap on a completion's length during evaluation")
-    log_completions_every: int = flag(10, "write completions and rewards to OUT/trajectories/ every N steps")
+    log_completions_every: int = flag(
+        10, "write completions and rewards to OUT/trajectories/ every N steps; 0 = never"
+    )
     resume: bool = flag(False, "continue from OUT/checkpoint: weights, optimizer, schedule, phase, step")
     skip_bad_rows: bool = flag(False, "skip unusable data rows (counted by reason) instead of stopping")
 
@@ -410,7 +412,7 @@ def main(argv=None):
                 "learned nothing but the KL term (G2). A model that never earns a reward (OUT/trajectories/ "
                 "shows what it writes) needs a warm-up first: --sft-data with --sft-epochs."
             )
-        if rank == 0 and (step == 1 or step % args.log_completions_every == 0):
+        if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
             write_jsonl(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), samples)
         # ---- 7. evaluate and checkpoint
         if args.eval_every and (step % args.eval_every == 0 or step == steps):

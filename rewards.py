@@ -1,28 +1,34 @@
-"""Rewards (R1-R7): plain functions reward(text, ex, n_tokens) -> float of the completion (with the <think>
-a P1 prompt opened put back), the data row `ex` (gold `answer`, lettered `choices` if any) and the
-completion's token count; G1 sums them. Model output is hostile input: nothing here raises on any string
-or runs it as code (no eval, no sympy: parse_number), and every scan of it is linear in its length.
-"""
+"""Rewards R1-R7: plain functions reward(text, ex, n_tokens=0) -> float of a completion, its data row `ex`
+(gold `answer`, lettered `choices`, `key_steps`) and its token count; G1 sums them. Model output is hostile:
+nothing here raises on any string, runs it as code (no eval, no sympy) or scans it worse than linearly."""
 
 import math
 import re
 
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen".split()
+NUMBER_WORDS += "fifteen sixteen seventeen eighteen nineteen twenty".split()  # a word is its index: "three"
+UNIT = re.compile(  # a unit after a number: 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2
+    r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$"
+)
+TOKEN = re.compile(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.")  # parse_number's, any other character one
+LETTER = re.compile(r"\(?([a-z])\)?[.:)]?")  # "a", "(a)", "a.", "a)"
+LETTER_ANSWER = re.compile(r"\(?([a-z])(?:\)?[.:)]?|[.:)]\s*(.{1,200}))")  # a LETTER or "(a) left", "a. left"
+FINAL = "### The final answer is:"  # P3's sections (R1-VL), "Let's think step by step" with a period or colon
+SECTION = re.compile(
+    r"### (?:(Image Description|Rationales|Step (\d{1,6})|The final answer is):|Let's think step by step[.:])"
+)
+ALPHA = 0.1  # R4's weight of the share of key steps matched, R1-VL's alpha
+REFLECTION = re.compile(  # R7's words of self-reflection
+    r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"
+    r"on second thought|alternatively|double[- ]check)\b"
+)
 
-# --------------------------------------------------------------------------- the answer and its equality (R1)
+
 def last_tag(text, tag):
     """Contents of the last <tag>...</tag> (DOTALL), stripped; None if there is none."""
     end = text.rfind(f"</{tag}>")
     start = text.rfind(f"<{tag}>", 0, max(end, 0))
     return None if end < 0 or start < 0 else text[start + len(tag) + 2 : end].strip()
-
-
-NUMBER_WORDS = (  # read as numbers, their index: "three" for small counts
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty"
-).split()
-UNIT = re.compile(
-    r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$"
-)
 
 
 def normalize(s):
@@ -37,125 +43,92 @@ def normalize(s):
 
 
 def parse_number(s):
-    """A float from a number, a number word or simple math, or None: recursive descent over a whitelist of
-    tokens (digits . + - * / ( ) { } \\frac \\sqrt), a trailing unit dropped; length-, so depth-capped."""
+    """A float from a number, a number word or simple math (+ - * / ( ) { } \\frac \\sqrt, a unit after it),
+    else None: a recursive descent over TOKENs; length-, so depth-capped."""
     s = s.strip()
-    if s in NUMBER_WORDS:
-        return float(NUMBER_WORDS.index(s))
-    if re.search(r"[\d.]\s+[\d.]", s):  # whitespace between digits: "1 2" is not 12, nor "1 000" a thousand
-        return None
+    s = str(NUMBER_WORDS.index(s)) if s in NUMBER_WORDS else s
+    spaced = re.search(r"[\d.]\s+[\d.]", s)  # whitespace between digits: "1 2" is not 12, nor "1 000" 1000
     s = re.sub(r"\\[dt]frac", r"\\frac", s.replace(" ", "")).replace("\\cdot", "*").replace("\\times", "*")
-    s = UNIT.sub("", s)  # 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2: the number
-    if not s or len(s) > 100:
+    s = UNIT.sub("", s)
+    if spaced or len(s) > 100:
         return None
-    toks = re.findall(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.", s)[::-1]  # a stack: next token last
-
-    def peek():
-        return toks[-1] if toks else None
-
-    def take(expected=None):
-        if not toks or expected not in (None, toks[-1]):
-            raise ValueError(expected)
-        return toks.pop()
+    toks = ["end"] + TOKEN.findall(s)[::-1]  # a stack, next token last, over an "end" that no rule takes
 
     def expr():  # expr := term (('+'|'-') term)*
         v = term()
-        while peek() in ("+", "-"):
-            v = v + term() if take() == "+" else v - term()
+        while toks[-1] in ("+", "-"):
+            v = v + term() if toks.pop() == "+" else v - term()
         return v
 
-    def term():  # term := factor (('*'|'/'|implicit) factor)*: "2\sqrt{3}" is 2*sqrt(3), "1.2.3" no number
+    def term():  # term := factor (('*'|'/'|implicit *) factor)*: "2\sqrt{3}" is 2*sqrt(3), "1.2.3" no number
         v = factor()
-        while peek() in ("*", "/", "(", "{", "\\sqrt", "\\frac"):
-            op = take() if peek() in ("*", "/") else "*"
+        while toks[-1] in ("*", "/", "(", "{", "\\sqrt", "\\frac"):
+            op = toks.pop() if toks[-1] in ("*", "/") else "*"
             v = v * factor() if op == "*" else v / factor()
         return v
 
-    def factor():
-        t = take()
-        if t == "-":
-            return -factor()
+    def factor():  # factor := '-' factor | (expr) | {expr} | \frac factor factor | \sqrt factor | number
+        t = toks.pop()
         if t in ("(", "{"):
             v = expr()
-            take(")" if t == "(" else "}")
+            if toks.pop() != {"(": ")", "{": "}"}[t]:  # "(1}" is no number
+                raise ValueError(t)
             return v
-        if t == "\\frac":  # \frac{a}{b}: two braced factors
+        if t == "\\frac":
             return factor() / factor()
-        if t == "\\sqrt":  # \sqrt{a} or \sqrt3
-            return math.sqrt(factor())
+        if t in ("-", "\\sqrt"):  # -a; \sqrt{a} or \sqrt3
+            return -factor() if t == "-" else math.sqrt(factor())
         return float(t)  # raises on anything that is not a number token
 
     try:
         v = expr()
-        return v if not toks and math.isfinite(v) else None
-    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return v if toks == ["end"] and math.isfinite(v) else None
+    except (ValueError, ZeroDivisionError, RecursionError):
         return None
 
 
 def answers_equal(pred, gold):
-    """Normalised strings equal, or both parse to the same number."""
+    """Two numbers compare as numbers (integers exactly: 1000000 is not 1000001), anything else as text."""
     p, g = normalize(pred), normalize(gold)
-    if p == g:
-        return True
     x, y = parse_number(p), parse_number(g)
     if x is None or y is None:
-        return False
-    if x.is_integer() and y.is_integer():  # counts, years: 1000000 is not 1000001, whatever the tolerance
-        return x == y
-    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
-
-
-LETTER = re.compile(r"\(?([a-z])\)?[.:)]?")  # "a", "(a)", "a.", "a)"
-LETTER_AND_TEXT = re.compile(r"\(?([a-z])[.:)]\s*(.{1,200})")  # "(a) left", "a. left"
+        return p == g
+    return x == y if x.is_integer() and y.is_integer() else math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def is_correct(pred, ex):
-    """R1 equality. With lettered choices (CV-Bench style) the letter or the option's text counts."""
-    if pred is None or ex.get("answer") is None:
+    """R1's equality. With lettered choices (CV-Bench style) the letter or the option's text counts."""
+    gold = ex.get("answer")
+    if pred is None or gold is None:
         return False
-    if answers_equal(pred, ex["answer"]):
+    if answers_equal(pred, gold):
         return True
     choices = ex.get("choices") or []
-    if ex["answer"] not in choices or len(choices) > 26:
+    if gold not in choices or len(choices) > 26:
         return False
     if any(LETTER.fullmatch(normalize(c)) for c in choices):  # options that are letters: their text alone
         return False
-    gold_letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(ex["answer"])]
-    p = normalize(pred)
-    if m := LETTER.fullmatch(p):
-        return m.group(1) == gold_letter
-    m = LETTER_AND_TEXT.fullmatch(p)
-    return bool(m) and m.group(1) == gold_letter and answers_equal(m.group(2), ex["answer"])
+    letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(gold)]
+    m = LETTER_ANSWER.fullmatch(normalize(pred))  # the letter, and the option's text if it follows
+    return bool(m) and m.group(1) == letter and (m.group(2) is None or answers_equal(m.group(2), gold))
 
 
-# --------------------------------------------------------------------------- the rewards
 def accuracy(text, ex, n_tokens=0):
-    """R1: 1 if the answer inside the last <answer>...</answer> equals the ground truth, else 0."""
-    return float(is_correct(last_tag(text, "answer"), ex))
+    """R1: r = 1 if the answer in the last <answer>...</answer> is the ground truth, else 0."""
+    return float(is_correct(last_tag(text, "answer"), ex))  # VisualThinker-R1-Zero (arXiv 2503.05132)
 
 
 def think_answer_format(text, ex=None, n_tokens=0):
-    """R2: 1 if text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) + trailing space.
-    The same language as re.fullmatch of it (quadratic on hostile text), in linear time: the text starts
-    with <think>, ends with </answer>, and between them stands '</think>', optional space, '<answer>'."""
+    """R2: r = 1 if the text fully matches <think>.*?</think>\\s*<answer>.*?</answer> (DOTALL) up to trailing
+    space, else 0 (VisualThinker-R1-Zero, arXiv 2503.05132); that language in linear, not quadratic, time."""
     t = text.rstrip()
-    return float(
-        t.startswith("<think>")
-        and t.endswith("</answer>")
-        and re.search(r"</think>\s*<answer>", t[len("<think>") : len(t) - len("</answer>")]) is not None
-    )
+    joined = re.search(r"</think>\s*<answer>", t[len("<think>") : len(t) - len("</answer>")])
+    return float(t.startswith("<think>") and t.endswith("</answer>") and joined is not None)
 
 
 def length_bonus(text, ex=None, n_tokens=0, per_token=0.001):
-    """R3 (VisualThinker §5.3 ablation, shown not to help): +0.001 per completion token, uncapped."""
+    """R3: r = 0.001 * |o|, per completion token, uncapped (VisualThinker-R1-Zero §5.3 ablation: no help)."""
     return per_token * n_tokens
-
-
-# --------------------------------------------------------------------------- StepGRPO (R1-VL)
-FINAL = "### The final answer is:"
-SECTION = re.compile(  # P3's headers; "### Let's think step by step." as P3 writes it, or with a colon
-    r"### (?:(Image Description|Rationales|Step (\d{1,6})|The final answer is):|Let's think step by step[.:])"
-)
 
 
 def step_answer(text):
@@ -165,50 +138,44 @@ def step_answer(text):
 
 
 def occurs(form, steps):
-    """Does the form, compared as the steps are, stand in them at word boundaries (R4)? A word-character
-    edge of it may not continue a word ('is 2' is in 'this is 2', not 'this 2'); punctuation is its own."""
+    """Does a form (lower case, whitespace runs one space) stand in the steps at word boundaries?"""
     f = re.sub(r"\s+", " ", form.lower()).strip()
-    left = r"(?<!\w)" if re.match(r"\w", f[:1]) else ""
-    right = r"(?!\w)" if re.match(r"\w", f[-1:]) else ""
+    left = r"(?<!\w)" if re.match(r"\w", f[:1]) else ""  # 'is 2' is in 'this is 2', not in 'this 2'
+    right = r"(?!\w)" if re.match(r"\w", f[-1:]) else ""  # punctuation is a boundary of its own
     return bool(f) and re.search(left + re.escape(f) + right, steps) is not None
 
 
-def step_accuracy(text, ex, n_tokens=0, alpha=0.1):
-    """R4 StepRAR: k = |key steps matched| / |key steps|, a key step matching if one of its forms occurs in a
-    '### Step N:' body (not the description, rationale or answer). r = 1 + alpha*k if the final answer is
-    right, alpha*k if an answer is given but wrong, 0 if there is no answer (the paper's three cases)."""
+def step_accuracy(text, ex, n_tokens=0, alpha=ALPHA):
+    """R4 StepRAR: the answer's correctness plus alpha times the share of key steps found in the steps."""
     pred = step_answer(text)
     if pred is None:
         return 0.0
     parts = SECTION.split(text.rpartition(FINAL)[0])  # [before, name, step number, body, name, ...]
-    # the bodies of the steps, one a line: whitespace runs in a body are one space, so no form spans two
+    # the '### Step N:' bodies (no description, rationale, answer), one a line, whitespace runs one space
     steps = "\n".join(re.sub(r"\s+", " ", b.lower()) for n, b in zip(parts[2::3], parts[3::3]) if n)
-    keys = ex.get("key_steps") or []
-    k = sum(any(occurs(f, steps) for f in forms) for forms in keys) / max(len(keys), 1)
+    keys = ex.get("key_steps") or []  # each key step a list of equivalent forms
+    k = sum(any(occurs(f, steps) for f in forms) for forms in keys) / max(len(keys), 1)  # k = |v_match| / |v|
+    # StepRAR (R1-VL, arXiv 2503.12937): r_auc = 1 + alpha*k (right answer), alpha*k (wrong), 0 (no answer)
     return float(is_correct(pred, ex)) + alpha * k
 
 
 def step_validity(text, ex=None, n_tokens=0):
-    """R5 StepRVR: 1 iff complete (description, rationale, >= 1 step, final answer all present) and logical
-    (in that order, steps numbered 1..n consecutively, the final answer after the last step), else 0."""
+    """R5 StepRVR: 1 iff the P3 sections are all there, in order, else 0."""
     # the headers in order: I(mage Description), R(ationales), S1, S2, ..., T(he final answer), L(et's think)
     kinds = [f"S{m.group(2)}" if m.group(2) else (m.group(1) or "L")[0] for m in SECTION.finditer(text)]
     if kinds[2:3] == ["L"]:  # '### Let's think step by step.' may stand between the rationale and step 1
         del kinds[2]
     n = len(kinds) - 3  # the steps
+    # StepRVR (R1-VL, arXiv 2503.12937): r_val = 1 iff complete (I, R, >= 1 S, T) and logical (in order)
     return float(n >= 1 and kinds == ["I", "R"] + [f"S{j}" for j in range(1, n + 1)] + ["T"])
 
 
-# --------------------------------------------------------------------------- Vision-R1
 def hard_format(text, ex, n_tokens=0):
-    """R6 HFRRF: 1 iff the completion is exactly one <think>...</think> then one <answer>...</answer> with
-    nothing but whitespace outside them, AND the answer is right (R1's equality); else 0."""
+    """R6 HFRRF: 1 iff R2's format holds with one <think> and one <answer> block, and the answer is right."""
     t = text.strip()
-    tags = ("<think>", "</think>", "<answer>", "</answer>")
-    if not (t.startswith("<think>") and t.endswith("</answer>")) or any(t.count(tag) != 1 for tag in tags):
-        return 0.0
-    after_think = t.partition("</think>")[2]  # must be space, then the <answer>
-    return float(after_think.lstrip().startswith("<answer>") and is_correct(last_tag(t, "answer"), ex))
+    one_each = all(t.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
+    # HFRRF (Vision-R1, arXiv 2503.06749): r = 1 iff the format is right and the answer is right, else 0
+    return float(one_each and think_answer_format(t) and is_correct(last_tag(t, "answer"), ex))
 
 
 REWARDS = {
@@ -220,13 +187,7 @@ REWARDS = {
     "hard_format": hard_format,
 }
 
-# --------------------------------------------------------------------------- R7, a metric
-REFLECTION = re.compile(
-    r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"
-    r"on second thought|alternatively|double[- ]check)\b"
-)
-
 
 def reflects(text):
-    """R7: does the completion contain self-reflection? (the 'aha moment' signal; a metric only)."""
+    """R7, a metric: self-reflection, the 'aha moment' VisualThinker-R1-Zero (arXiv 2503.05132) tracks."""
     return REFLECTION.search(text.lower()) is not None

@@ -6,25 +6,30 @@ below RL really updates the weights, and assert_learned() checks that it did, by
 the comparison it is used for: a test that compares two runs of it can fail.
 """
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ONE = [sys.executable]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # a free port
-# 4 SFT steps teach the random model to end some completions early, so completion lengths, hence the R3
-# length rewards, differ within groups: every GRPO step has a gradient, and lr 1e-3 makes it move the
-# weights. --gen-batch 1: sampling does not depend on the rank count; --micro-batch 3 cuts micro-batches
-# across groups; --save-every 1 --keep 99 keep every step's checkpoint to measure from.
-LEARNS = (
-    "grpo_vl.py --model tiny --data synthetic:64 --sft-steps 4 --sft-lr 1e-3 --max-steps 5 --lr 1e-3 "
-    "--length-bonus 0.01 --max-new-tokens 24 --gen-batch 1 --micro-batch 3 --save-every 1 --keep 99 "
-    "--log-completions-every 0"
+# 4 SFT steps (32 rows, 8 a step, one epoch) teach the random model to end some completions early, so
+# completion lengths, hence the R3 length rewards, differ within groups: every GRPO step has a gradient, and
+# lr 1e-3 makes it move the weights. Sampling does not depend on the rank count (one generate() call per
+# prompt); --micro-batch 3 cuts each group of 8 into micro-batches; --save-every 1 checkpoints every step, so
+# a kill at any step resumes from the step before (only the newest checkpoint is kept).
+LEARNS = ["grpo_vl.py", *tiny.flags(), "--data", tiny.data_file(64), "--sft-data", tiny.data_file(32)] + (
+    "--sft-epochs 1 --sft-batch 8 --sft-lr 1e-3 --max-steps 5 --lr 1e-3 --length-bonus 0.01 "
+    "--max-new-tokens 24 --micro-batch 3 --save-every 1 --log-completions-every 0"
 ).split()
 PHASES = [("sft", i) for i in range(1, 5)] + [("rl", i) for i in range(1, 6)]  # the (phase, step) of LEARNS
 
@@ -43,7 +48,7 @@ def metrics(out):
 
 
 def weights(out, checkpoint="checkpoint"):
-    """The weights of OUT/checkpoint (the last one) or of OUT/checkpoints/<checkpoint>."""
+    """The weights of OUT/checkpoint (the newest) or of OUT/checkpoints/<checkpoint> (while it exists)."""
     from safetensors.torch import load_file
 
     folder = "checkpoint" if checkpoint == "checkpoint" else os.path.join("checkpoints", checkpoint)
@@ -54,13 +59,36 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+_SFT_ENDS = {}
+
+
+def sft_end(launcher):
+    """The output folder of LEARNS with --sft-only under `launcher`: its OUT/checkpoint holds the weights the
+    full run has at the end of its SFT (SFT is deterministic; only the newest checkpoint is kept, so the full
+    run's own sft-000004 is gone). Run once per launcher."""
+    key = tuple(launcher)
+    if key not in _SFT_ENDS:
+        out = tempfile.mkdtemp(prefix="learning-sft-")
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+        _SFT_ENDS[key] = run(launcher, out, "--sft-only")
+    return _SFT_ENDS[key]
+
+
 def assert_learned(out, since, tol):
     """RL really trained in the run at `out`: grad_norm > 0 at every RL step, and the weights moved by more
-    than `tol` (the tolerance of the comparison) from checkpoint `since` (e.g. 'sft-000004') to the end."""
+    than `tol` (the tolerance of the comparison) from `since` to the end. `since`: the weights to measure
+    from (a dict, e.g. those kill_twice_and_resume resumed from), or an output folder whose run is this run's
+    SFT (sft_end(launcher)): its SFT steps must then be the run's, same loss and grad_norm."""
     norms = [m["grad_norm"] for m in metrics(out) if m["phase"] == "rl"]
     assert norms and min(norms) > 0, f"RL steps without a gradient: grad_norm {norms}"
-    moved = max_diff(weights(out, since), weights(out))
-    assert moved > tol, f"weights moved by {moved:.3g} after {since}: not more than the tolerance {tol}"
+    if isinstance(since, str):
+        sft = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(out) if m["phase"] == "sft"]
+        assert [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(since)] == sft, "not this run's SFT"
+        since = weights(since)
+    moved = max_diff(since, weights(out))
+    assert moved > tol, (
+        f"weights moved by {moved:.3g} after SFT / the resume: not more than the tolerance {tol}"
+    )
 
 
 def process_tree(pid):
@@ -113,12 +141,13 @@ def kill_when(launcher, out, n_lines, *flags, timeout=300):
 
 def kill_twice_and_resume(launcher, out):
     """LEARNS killed (SIGKILL) in SFT after 2 of its 4 steps, resumed, killed in RL after 2 of its 5 steps,
-    resumed to the end. Returns the two checkpoints it resumed from: each leaves at least two steps of its
-    phase, since the first step after a resume takes its lr from the optimizer's state, the next from the
-    restored schedule."""
-    kill_when(launcher, out, 2)
-    sft = os.path.basename(os.path.realpath(os.path.join(out, "checkpoint")))
-    kill_when(launcher, out, 4 + 2, "--resume")  # 4 SFT lines, then RL steps 1 and 2
-    rl = os.path.basename(os.path.realpath(os.path.join(out, "checkpoint")))
+    resumed to the end. Returns the two checkpoints it resumed from, as (name, weights) pairs (their folders
+    are deleted by the next save): each leaves at least two steps of its phase, since the first step after a
+    resume takes its lr from the optimizer's state, the next from the restored schedule."""
+    resumed_from = []
+    for n_lines, flags in [(2, ()), (4 + 2, ("--resume",))]:  # 4 SFT lines, then RL steps 1 and 2
+        kill_when(launcher, out, n_lines, *flags)
+        name = os.path.basename(os.path.realpath(os.path.join(out, "checkpoint")))
+        resumed_from.append((name, weights(out)))
     run(launcher, out, "--resume")
-    return sft, rl
+    return resumed_from

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import tiny as fixtures
 import torch
 import transformers as tf
 
@@ -17,7 +18,13 @@ import rewards as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+]  # a free port
 CPU = torch.device("cpu")
 
 
@@ -27,25 +34,30 @@ def run(cmd, timeout=300):
     return p.stdout
 
 
-def scoring_gradients(tiny, examples, checkpointing):
-    """Gradients of one scoring forward + backward, and how often decoder layer 0 ran."""
-    _, processor, eos, banned = tiny
-    args = g.parse_args(["--model", "tiny"])
-    b = g.sft_batch(processor, examples[:3], args)
-    model = g.build_tiny(0)[0]
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+def load(*flags):
+    """(args, run): grpo_vl.load_models of the tiny model in one CPU process, as conftest.tiny_run (beta 0,
+    unless flags say otherwise), with the parsed flags too."""
+    args = g.parse_args(fixtures.flags() + ["--beta", "0", *flags])
+    return args, g.load_models(args, 0, 1, CPU, None)
+
+
+def scoring_gradients(examples, checkpointing):
+    """Gradients of one scoring forward + backward of the tiny model as load_models leaves it (with
+    --gradient-checkpointing or without), and how often decoder layer 0 ran."""
+    _, r = load("--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing")
+    model = r.model
+    assert model.training and model.is_activation_checkpointing == checkpointing
+    b = g.sft_batch(r.processor, examples[:3], g.parse_args(fixtures.flags()))
     calls = []
     model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    logp = g.token_logprobs(model, b, 1.0, banned, CPU)
+    logp = g.token_logprobs(model, b, 1.0, r.banned, CPU)
     (-(logp * b["mask"]).sum()).backward()
     return {n: p.grad for n, p in model.named_parameters()}, len(calls)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny, examples):
-    plain, plain_calls = scoring_gradients(tiny, examples, checkpointing=False)
-    checkpointed, calls = scoring_gradients(tiny, examples, checkpointing=True)
+def test_gradient_checkpointing_gives_the_same_gradients(examples):
+    plain, plain_calls = scoring_gradients(examples, checkpointing=False)
+    checkpointed, calls = scoring_gradients(examples, checkpointing=True)
     assert (plain_calls, calls) == (1, 2)  # the layer really ran again in the backward
     for name, grad in plain.items():
         assert grad.abs().max() > 0, name
@@ -54,31 +66,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, examples):
 
 def test_fsdp_checkpointed_gradients_and_reference_resharding():
     """2 ranks: the same with FSDP2; and no reference parameter stays gathered after a no-grad forward."""
+    fixtures.data_file(4)  # written here, not raced for by the two ranks
     out = run([*TORCHRUN, "tests/fsdp_memory_worker.py"], timeout=180)
     assert "rank 0: checkpointed gradients equal, reference resharded" in out
     assert "rank 1: checkpointed gradients equal, reference resharded" in out
 
 
-def test_generation_is_unchanged_by_gradient_checkpointing(tiny, examples):
+def test_generation_is_unchanged_by_gradient_checkpointing(examples):
     """generate() runs in eval mode: in training mode checkpointing would turn the KV cache off."""
-    _, processor, eos, banned = tiny
-    args = g.parse_args(["--model", "tiny", "--max-new-tokens", "12"])
     completions = []
-    for checkpointing in (False, True):
-        model = g.build_tiny(0)[0]
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        (b,) = g.rollout(model, processor, examples[:2], args, eos, banned, CPU, seed=3)
-        assert model.training  # restored after generate
-        completions.append(b["completion"])
-    assert torch.equal(*completions)
+    for checkpointing in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        args, r = load(checkpointing, "--max-new-tokens", "12")
+        assert r.model.is_activation_checkpointing == (checkpointing == "--gradient-checkpointing")
+        batches = g.rollout(r.model, examples[:2], args, r, seed=3)
+        assert r.model.training  # restored after generate
+        completions.append([b["completion"] for b in batches])
+    assert len(completions[0]) == 2 and all(c.shape == (8, 12) for c in completions[0])  # G 8, 12 tokens
+    for a, b in zip(*completions):
+        assert torch.equal(a, b)
 
 
 def test_bf16_logprobs_agree_with_fp32(tiny, examples):
     """The tolerance: 0.01 nats per token on the tiny random model (measured: max 0.0017, mean 0.0004)."""
     model, processor, eos, banned = tiny
-    b = g.sft_batch(processor, examples[:4], g.parse_args(["--model", "tiny"]))
+    b = g.sft_batch(processor, examples[:4], g.parse_args(fixtures.flags()))
     with torch.no_grad():
         fp32 = g.token_logprobs(model, b, 1.0, banned, CPU)
         with torch.autocast("cpu", torch.bfloat16):
@@ -91,24 +102,15 @@ def test_bf16_logprobs_agree_with_fp32(tiny, examples):
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_bf16_run_trains_with_fp32_master_weights(tmp_path, ranks):
     out = str(tmp_path / "bf16")
-    flags = [
-        "grpo_vl.py",
-        "--model",
-        "tiny",
-        "--data",
-        "synthetic:32",
-        "--precision",
-        "bf16",
-        "--max-steps",
-        "3",
-    ]
-    flags += ["--length-bonus", "0.01", "--lr", "1e-3", "--max-new-tokens", "32", "--out", out]
-    run([*TORCHRUN, *flags] if ranks == 2 else [sys.executable, *flags])
+    flags = ["grpo_vl.py", *fixtures.flags(), "--data", fixtures.data_file(32), "--precision", "bf16"]
+    flags += ["--max-steps", "3", "--length-bonus", "0.01", "--lr", "1e-3", "--max-new-tokens", "32"]
+    run([*TORCHRUN, *flags, "--out", out] if ranks == 2 else [sys.executable, *flags, "--out", out])
     steps = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(steps) == 3
     assert all(math.isfinite(s["loss"]) and math.isfinite(s["kl"]) and s["grad_norm"] > 0 for s in steps)
     assert steps[-1]["kl"] > 0  # the policy moved away from the reference
     weights = tf.AutoModelForImageTextToText.from_pretrained(os.path.join(out, "checkpoint")).state_dict()
-    start = g.build_tiny(0)[0].state_dict()
+    start = tf.AutoModelForImageTextToText.from_pretrained(fixtures.model_dir()).state_dict()
     assert all(weights[k].dtype == torch.float32 for k in start)  # master weights stay fp32
     moved = max((weights[k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-4, moved
@@ -229,30 +231,29 @@ def test_readme_memory_table_is_the_arithmetic_and_every_run_fits_80_gb():
 
 
 def test_the_precision_and_checkpointing_flags_reach_the_model():
-    """--precision bf16 turns bf16 on (on CPU too), auto leaves CPU in fp32; --gradient-checkpointing is
-    switched on by prepare_models itself (the tests above switch it on by hand)."""
-    assert g.use_bf16(g.parse_args(["--model", "tiny", "--precision", "bf16"]), CPU)
-    assert not g.use_bf16(g.parse_args(["--model", "tiny"]), CPU)
-    on = g.parse_args(["--model", "tiny", "--gradient-checkpointing"])
-    model, ref, *_ = g.prepare_models(on, CPU, None)
-    assert model.is_gradient_checkpointing and model.training and not ref.training
-    off, *_ = g.prepare_models(g.parse_args(["--model", "tiny"]), CPU, None)
-    assert not off.is_gradient_checkpointing
+    """--precision bf16 turns bf16 autocast on (on CPU too), auto leaves CPU in fp32; --gradient-checkpointing
+    is switched on by load_models itself (the tests above check it on the models they score)."""
+    _, on = load("--precision", "bf16", "--gradient-checkpointing", "--beta", "0.04")
+    with on.amp:
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert on.model.is_activation_checkpointing and on.model.training and not on.ref.training
+    assert all(p.dtype == torch.float32 for p in on.model.parameters())  # fp32 master weights
+    _, off = load()
+    with off.amp:
+        assert not torch.is_autocast_enabled("cpu")
+    assert not off.model.is_activation_checkpointing and off.ref is None  # beta 0: no reference
 
 
-def test_gen_batch_rollouts_give_each_micro_batch_its_own_completions_advantages(
-    tiny, examples, monkeypatch, tmp_path
-):
-    """--gen-batch 1 (one generate() call per prompt, the KV cache of one group at a time): batch k holds
-    prompt k's G completions, and its "idx", their places k*G..(k+1)*G-1 among the rank's completions, is
-    where main reads each micro-batch's advantages (A[mb["idx"]], I8). An idx counted from 0 in every batch
+def test_rollouts_give_each_micro_batch_its_own_completions_advantages(examples, monkeypatch, tmp_path):
+    """One generate() call per prompt (the KV cache of one group at a time): batch k holds prompt k's G
+    completions, and its "idx", their places k*G..(k+1)*G-1 among the rank's completions, is where
+    grpo_step reads each micro-batch's advantages (A[mb["idx"]], I8). An idx counted from 0 in every batch
     would give every prompt's completions the first group's advantages."""
-    model, processor, eos, banned = tiny
     P, G = 3, 2
-    flags = f"--model tiny --gen-batch 1 --num-generations {G} --max-new-tokens 6".split()
-    args = g.parse_args(flags)
-    batches = g.rollout(model, processor, examples[:P], args, eos, banned, CPU, seed=0)
-    own = [g.encode(processor, [ex], args)["input_ids"][0].tolist() for ex in examples[:P]]
+    flags = ["--num-generations", str(G), "--max-new-tokens", "6"]
+    args, r = load(*flags)
+    batches = g.rollout(r.model, examples[:P], args, r, seed=0)
+    own = [g.encode(r.processor, [ex], args)["input_ids"][0].tolist() for ex in examples[:P]]
     assert len(batches) == P and len(set(map(tuple, own))) == P  # P calls; P different prompts
     assert torch.equal(torch.cat([b["idx"] for b in batches]), torch.arange(P * G))
     for k, b in enumerate(batches):
@@ -278,12 +279,9 @@ def test_gen_batch_rollouts_give_each_micro_batch_its_own_completions_advantages
     monkeypatch.setitem(R.REWARDS, "accuracy", next_reward)
     monkeypatch.setattr(g, "group_advantages", recording_advantages)
     monkeypatch.setattr(g, "grpo_loss", recording_loss)
-    out = tmp_path / "gen_batch"
-    g.main(
-        flags
-        + f"--data synthetic:16 --max-steps 1 --prompts-per-step {P} --micro-batch 1 --rewards accuracy "
-        f"--log-completions-every 0 --out {out}".split()
-    )
+    more = ["--data", fixtures.data_file(16), "--max-steps", "1", "--prompts-per-step", str(P)]
+    more += ["--micro-batch", "1", "--rewards", "accuracy", "--log-completions-every", "1"]
+    g.main(fixtures.flags() + flags + more + ["--out", str(tmp_path / "idx")])
     ((A, _),) = advantages
     a = 2**-0.5
     assert torch.allclose(A, torch.tensor([-a, a, a, -a, 0, 0]), atol=1e-3), A

@@ -2,19 +2,25 @@
 vision tokens (I5), loading from a saved folder."""
 
 import torch
+from conftest import tiny_run
 
-import data
 import grpo_vl as g
+import tiny as fixtures
+
+
+def tiny_args(*flags):
+    return g.parse_args([*fixtures.flags(), *flags])
 
 
 def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0):
     model, processor, eos, banned = tiny
-    args = g.parse_args(["--model", "tiny", "--temperature", str(T), "--max-new-tokens", str(max_new)])
+    args = tiny_args("--temperature", str(T), "--max-new-tokens", str(max_new))
     b = g.take(g.encode(processor, exs, args), torch.arange(len(exs)).repeat_interleave(G))
     torch.manual_seed(seed)
-    out = model.generate(
+    out = model.generate(  # as rollout() calls it: the plain-sampling settings are the model's (load_models)
         **{k: b[k] for k in g.MODEL_KEYS},
-        **g.sampling(args, banned),
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
         output_scores=True,
         return_dict_in_generate=True,
     )
@@ -26,7 +32,7 @@ def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0):
 def test_images_differ_in_size_and_prompts_are_left_padded(tiny, examples):
     _, processor, _, _ = tiny
     exs = [examples[1], examples[2], examples[3]]
-    b = g.encode(processor, exs, g.parse_args(["--model", "tiny"]))
+    b = g.encode(processor, exs, tiny_args())
     assert len({tuple(t) for t in b["image_grid_thw"].tolist()}) > 1, "the test needs different image sizes"
     assert (b["attention_mask"][:, -1] == 1).all() and (b["attention_mask"][:, 0] == 0).any()  # left padding
     # I4: per sample, image tokens = grid.prod() / merge^2
@@ -61,7 +67,7 @@ def test_i3_take_slices_pixel_values_per_sample(tiny, examples):
     """Expanding 3 prompts (different image sizes) to groups and picking sequences out of the batch gives
     exactly what encoding those prompts on their own gives; and their log-probs agree."""
     model, processor, _, banned = tiny
-    args = g.parse_args(["--model", "tiny"])
+    args = tiny_args()
     exs = [examples[1], examples[2], examples[3]]
     full = g.take(g.encode(processor, exs, args), torch.arange(3).repeat_interleave(2))  # (6, L)
     for i in range(3):
@@ -103,7 +109,8 @@ def test_from_pretrained_on_a_saved_folder(tiny, examples, tmp_path):
         eos_token_id=0,
         pad_token_id=0,
     ).save_pretrained(tmp_path)
-    loaded, proc2, eos, banned = g.load_model(g.parse_args(["--model", str(tmp_path)]))
+    run = tiny_run("--model", str(tmp_path))
+    loaded, proc2, eos, banned = run.model, run.processor, run.eos, run.banned
     assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
@@ -119,9 +126,11 @@ def test_from_pretrained_on_a_saved_folder(tiny, examples, tmp_path):
 
 
 def test_tiny_is_deterministic_for_a_seed():
-    a, _ = g.build_tiny(seed=3)
-    b, _ = g.build_tiny(seed=3)
-    c, _ = g.build_tiny(seed=4)
+    """tests/tiny.py's model (its folder is built once and reused by every test and run) is a function of
+    its seed."""
+    a, _ = fixtures.build(seed=3)
+    b, _ = fixtures.build(seed=3)
+    c, _ = fixtures.build(seed=4)
     p = "model.language_model.layers.0.mlp.up_proj.weight"
     assert torch.equal(a.state_dict()[p], b.state_dict()[p]) and not torch.equal(
         a.state_dict()[p], c.state_dict()[p]

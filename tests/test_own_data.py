@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import grpo_vl as g
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [
@@ -38,71 +39,77 @@ def write_plain(folder):
 
 
 def bad_inputs(tmp_path):
-    """(flags, the line expected on stderr) for each kind of mistake."""
+    """(flags, the parts of the line expected on stderr, in order) for each kind of mistake. data.py words
+    the reasons; the parts are the stable ones: the data set, where in it (line, row, column), key words."""
     good = write_plain(tmp_path)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + '\n{"image": "img/red.png",\n')
-    listed = tmp_path / "listed.json"
-    listed.write_text('[\n {"image": "img/red.png"},\n {"image": }\n]')
+    broken = str(tmp_path / "broken.jsonl")
+    (tmp_path / "broken.jsonl").write_text(
+        json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + '\n{"image": "img/red.png",\n'
+    )
+    listed = str(tmp_path / "listed.json")
+    (tmp_path / "listed.json").write_text('[\n {"image": "img/red.png"},\n {"image": }\n]')
+    binary = str(tmp_path / "binary.jsonl")
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00\x01")
+    garbage = str(tmp_path / "garbage.parquet")
     (tmp_path / "garbage.parquet").write_bytes(b"not a parquet file at all")
+    other = str(tmp_path / "other.jsonl")
     (tmp_path / "other.jsonl").write_text(json.dumps({"picture": "img/red.png", "text": "hi"}) + "\n")
     missing = str(tmp_path / "nope.jsonl")
     return [
-        (["--data", missing], f"data set {missing!r}: no such file or folder"),
-        (["--data", "no/such/folder"], "data set 'no/such/folder': no such file or folder"),
+        (["--data", missing], [f"data set {missing!r}", "no such file"]),
+        (["--data", "no/such/folder"], ["data set 'no/such/folder'", "no such file"]),
+        (["--data", broken], [f"data set {broken!r}", "line 3", "not valid JSON", "Expecting property name"]),
+        (["--data", listed], [f"data set {listed!r}", "line 3", "not valid JSON", "Expecting value"]),
+        (["--data", binary], [f"data set {binary!r}", "UTF-8", "byte 0"]),
+        (["--data", garbage], [f"data set {garbage!r}", "cannot load"]),
+        (["--data", "nobody/no-such-set"], ["data set 'nobody/no-such-set'", "cannot load"]),
+        (["--data", other], [f"data set {other!r}", "['picture', 'text']", "no known schema", "expected"]),
         (
-            ["--data", str(broken)],
-            f"data set {str(broken)!r}, line 3: not valid JSON (Expecting property name",
+            ["--data", good, "--sft-data", missing, "--sft-epochs", "1"],
+            [f"data set {missing!r}", "no such file"],
         ),
-        (["--data", str(listed)], f"data set {str(listed)!r}, line 3: not valid JSON (Expecting value)"),
-        (
-            ["--data", str(tmp_path / "binary.jsonl")],
-            "binary.jsonl': not UTF-8 text (invalid start byte at byte 0)",
-        ),
-        (
-            ["--data", str(tmp_path / "garbage.parquet")],
-            "garbage.parquet': cannot load it (",
-        ),
-        (
-            ["--data", "nobody/no-such-set"],
-            "data set 'nobody/no-such-set': cannot load it (",
-        ),
-        (
-            ["--data", str(tmp_path / "other.jsonl")],
-            "columns ['picture', 'text'] match no known schema; expected",
-        ),
-        (["--data", good, "--sft-data", missing, "--sft-steps", "1"], f"data set {missing!r}: no such file"),
         (
             ["--data", good, "--eval-data", missing, "--eval-every", "1"],
-            f"data set {missing!r}: no such file",
+            [f"data set {missing!r}", "no such file"],
         ),
-        (["--eval", "--eval-data", str(broken)], "broken.jsonl', line 3: not valid JSON"),
-        (
-            ["--data", good, "--sft-steps", "1"],
-            "row 0: no 'solution' or assistant turn to learn from",
-        ),  # rows 0, 1, 3 have nothing to learn from
+        (["--eval", "--eval-data", broken], [f"data set {broken!r}", "line 3", "not valid JSON"]),
+        (  # rows 0, 1, 3 have nothing to learn from
+            ["--data", good, "--sft-data", good, "--sft-epochs", "1"],
+            [f"data set {good!r}, row 0, column 'solution': ", "solution", "assistant"],
+        ),
     ]
 
 
+def in_order(text, parts):
+    """Each of `parts` in `text`, each after the one before."""
+    at = 0
+    for part in parts:
+        at = text.find(part, at)
+        if at < 0:
+            return False
+        at += len(part)
+    return True
+
+
 def test_every_data_mistake_ends_the_run_before_the_model_with_one_line(tmp_path, capfd, monkeypatch):
-    def no_model(args):
+    def no_model(*args):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(g, "load_model", no_model)
-    for flags, line in bad_inputs(tmp_path):
+    monkeypatch.setattr(g, "load_models", no_model)
+    for flags, parts in bad_inputs(tmp_path):
         with pytest.raises(SystemExit) as e:
-            g.main(["--model", "tiny", "--out", str(tmp_path / "o"), *flags])
+            g.main([*tiny.flags(), "--out", str(tmp_path / "o"), *flags])
         err = capfd.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (flags, err)
-        assert err.startswith("grpo_vl.py: error: ") and line in err, (flags, err)
+        assert err.startswith("grpo_vl.py: error: data set ") and in_order(err, parts), (flags, err)
 
 
 def test_a_data_mistake_from_the_command_line_is_one_line_in_seconds(tmp_path):
-    flags, line = bad_inputs(tmp_path)[2]  # a JSON syntax error
+    flags, parts = bad_inputs(tmp_path)[2]  # a JSON syntax error
+    command = [sys.executable, "grpo_vl.py", *tiny.flags(), "--out", str(tmp_path / "o"), *flags]
     t0 = time.time()
     p = subprocess.run(
-        [sys.executable, "grpo_vl.py", "--model", "tiny", "--out", str(tmp_path / "o"), *flags],
+        command,
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -110,7 +117,8 @@ def test_a_data_mistake_from_the_command_line_is_one_line_in_seconds(tmp_path):
         timeout=120,
     )
     print(f"\nfailed in {time.time() - t0:.1f} s: {p.stderr.strip()}")
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and line in p.stderr, p.stderr
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("grpo_vl.py: error: ") and in_order(p.stderr, parts), p.stderr
     assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "o" / "metrics.jsonl")
 
 
@@ -119,8 +127,7 @@ def test_two_steps_on_a_plain_jsonl_with_image_paths(tmp_path):
     path, out = write_plain(tmp_path), str(tmp_path / "run")
     g.main(
         [
-            "--model",
-            "tiny",
+            *tiny.flags(),
             "--data",
             path,
             "--eval-data",
@@ -161,7 +168,8 @@ def test_the_readmes_jsonl_examples_load(tmp_path):
         Image.new("RGB", (40, 40)).save(tmp_path / "images" / name)
     for j, block in enumerate(blocks):
         (tmp_path / f"{j}.jsonl").write_text(block)
-        exs = data.load_examples(str(tmp_path / f"{j}.jsonl"), "train")
+        chat = '"messages"' in block or '"conversations"' in block  # SFT rows: a reply, no answer to reward
+        exs = data.load_examples(str(tmp_path / f"{j}.jsonl"), "train", sft=chat)
         assert len(exs) == 2 and all(os.path.exists(im) for ex in exs for im in ex["images"])
         assert all(ex.get("answer") or ex.get("target") for ex in exs)
 
@@ -171,30 +179,29 @@ def test_rows_of_the_wrong_shape_are_bad_rows_named_by_column(tmp_path):
     characters), counted by --skip-bad-rows under one reason whatever the value."""
     write_plain(tmp_path)
     img = {"image": "img/red.png", "question": "q"}
-    cases = [
-        ({**img, "answer": "B", "choices": "red, blue"}, "column 'choices': not valid JSON"),
-        ({**img, "answer": "x", "choices": [str(j) for j in range(27)]}, "column 'choices': expected a list"),
-        ({**img, "answer": "1", "key_steps": [["a"]]}, "column 'key_steps': expected {\"Steps\""),
-        ({**img, "answer": "1", "key_steps": "{not json"}, "column 'key_steps': not valid JSON"),
-        (
-            {"image": 5, "question": "q", "answer": "1"},
-            "column 'image': not a path, URL, bytes or image (int)",
-        ),
-        (
-            {"images": [None], "question": "q", "answer": "1"},
-            "column 'image': not a path, URL, bytes or image",
-        ),
-        ({**img, "solution": 5}, "column 'row': a missing column or a value of the wrong type (TypeError"),
+    cases = [  # (row, its column named, key words of the reason: data.py words the rest)
+        ({**img, "answer": "B", "choices": "red, blue"}, "choices", ["not valid JSON"]),
+        ({**img, "answer": "x", "choices": [str(j) for j in range(27)]}, "choices", ["list", "26"]),
+        ({**img, "answer": "1", "key_steps": [["a"]]}, "key_steps", ['{"Steps"']),
+        ({**img, "answer": "1", "key_steps": "{not json"}, "key_steps", ["not valid JSON"]),
+        ({"image": 5, "question": "q", "answer": "1"}, "image", ["not a path", "int"]),
+        ({"images": [None], "question": "q", "answer": "1"}, "image", ["not a path"]),
+        ({**img, "solution": 5}, "row", ["wrong type", "TypeError"]),
         (
             {"image_bytes": ["x"], "question": "q", "answers": ["a", "b"], "correct_answer": "zzz"},
-            "column 'correct_answer': not one of the answers ('zzz')",
+            "correct_answer",
+            ["not one of the answers", "zzz"],
         ),
     ]
-    for j, (row, message) in enumerate(cases):
-        path = tmp_path / f"case{j}.jsonl"
-        path.write_text(json.dumps(row) + "\n")
-        with pytest.raises(ValueError, match=re.escape(f"row 0, {message}")):
-            data.load_examples(str(path), "train")
+    for j, (row, column, words) in enumerate(cases):
+        path = str(tmp_path / f"case{j}.jsonl")
+        open(path, "w").write(json.dumps(row) + "\n")
+        with pytest.raises(ValueError) as e:
+            data.load_examples(path, "train")
+        head = f"data set {path!r}, row 0, column {column!r}: "
+        message = str(e.value)
+        assert message.startswith(head) and in_order(message[len(head) :], words), (row, message)
+        assert "\n" not in message, message
     # CSV cells and JSON exports hold lists as JSON text; a key step given as one string is one form
     path = tmp_path / "text.jsonl"
     steps = json.dumps({"Steps": ["area is 12", ["x", "y"]]})
@@ -211,32 +218,36 @@ def test_rows_of_the_wrong_shape_are_bad_rows_named_by_column(tmp_path):
         data.load_examples(str(path), "train", skip_bad=True)
 
 
-def test_a_file_named_synthetic_and_a_missing_split_and_chat_rows_for_rl(tmp_path, monkeypatch, capfd):
-    """A data file whose name starts with 'synthetic' is read, not replaced by the synthetic task; asking
-    for a split a multi-split set does not have is an error, not its training split; chat rows (no answer)
-    are SFT data: as RL data they end the run with exit 2 instead of crashing a reward."""
+def test_a_missing_split_and_chat_rows_for_rl(tmp_path, monkeypatch, capfd):
+    """Asking for a split a multi-split set does not have is an error, not its training split; chat rows
+    (no answer) are SFT data: as RL data they end the run with exit 2 instead of crashing a reward."""
     import datasets
 
     write_plain(tmp_path)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "synthetic_mine.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
-    assert [ex["answer"] for ex in data.load_examples("synthetic_mine.jsonl", "train")] == ["red"]
     folder = tmp_path / "set"
     folder.mkdir()
+    red = str(tmp_path / "img" / "red.png")
     for split in ("train", "validation"):
-        datasets.Dataset.from_list([{"question": split, "answer": "1"}]).to_parquet(
+        datasets.Dataset.from_list([{"image": red, "question": split, "answer": "1"}]).to_parquet(
             folder / f"{split}.parquet"
         )
-    assert data.read_table(str(folder), "validation")[0]["question"] == "validation"
-    with pytest.raises(ValueError, match="no 'test' split \\(it has train, validation\\)"):
-        data.read_table(str(folder), "test")
+    assert [ex["question"] for ex in data.load_examples(str(folder), "validation")] == ["validation"]
+    with pytest.raises(ValueError) as e:
+        data.load_examples(str(folder), "test")
+    message = str(e.value)  # data.py's wording: the data set, the split asked for, the splits it has
+    assert message.startswith(f"data set {str(folder)!r}") and in_order(
+        message, ["'test'", "train, validation"]
+    )
     chat = {
         "image": "img/red.png",
         "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
     }
     (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    capfd.readouterr()  # the parquet writer's progress bars
     with pytest.raises(SystemExit) as e:
-        g.main(["--model", "tiny", "--data", "chat.jsonl", "--out", str(tmp_path / "o")])
-    assert (
-        e.value.code == 2 and "row 0: no answer to reward (chat rows are SFT data)" in capfd.readouterr().err
-    )
+        g.main([*tiny.flags(), "--data", "chat.jsonl", "--out", str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    head = "grpo_vl.py: error: data set 'chat.jsonl', row 0, column 'answer': "
+    assert err.startswith(head) and in_order(err[len(head) :], ["no answer", "chat rows are SFT data"]), err

@@ -9,21 +9,25 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # as a torchrun script, without conftest.py
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]  # as a torchrun script, without conftest.py
 import data  # noqa: E402
 import grpo_vl as g  # noqa: E402
+import tiny  # noqa: E402
 
 CPU = torch.device("cpu")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_fsdp_bf16_computes_in_bf16_over_fp32_shards_and_reduces_gradients_in_fp32():
-    """2 ranks, shard(bf16=True): every vision block and decoder layer outputs bf16 (a policy computing in
-    fp32 would give fp32), the shards and their gradients stay fp32, and the reduce-scatter is handed fp32
-    gradients -- its result is not bf16-rounded, as the mean of two ranks' bf16 gradients reduced in bf16
-    would be (lr 1e-6 updates vanish in bf16)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "tests/test_precision.py"]
+    """2 ranks, load_models with --precision bf16 (shard(bf16=True)): every vision block and decoder layer
+    outputs bf16 (a policy computing in fp32 would give fp32), the shards and their gradients stay fp32,
+    and the reduce-scatter is handed fp32 gradients -- its result is not bf16-rounded, as the mean of two
+    ranks' bf16 gradients reduced in bf16 would be (lr 1e-6 updates vanish in bf16)."""
+    tiny.data_file(4)  # written here, not raced for by the two ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["tests/test_precision.py"]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     errors = [line for line in p.stderr.splitlines() if "Error:" in line]  # the ranks' failed assertions
     assert p.returncode == 0, "\n".join(errors[:4]) + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
@@ -40,11 +44,16 @@ def fsdp_worker():
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    args = g.parse_args(["--model", "tiny"])
-    _, processor, eos, banned = g.load_model(args)
-    b = g.sft_batch(processor, data.load_examples("synthetic:4", "train")[2 * rank : 2 * rank + 2], args)
-    model = g.build_tiny(args.seed)[0].train()
-    g.shard(model, init_device_mesh("cpu", (2,)), CPU, bf16=True)
+    if rank == 0:  # the cached fixtures, written by one rank only
+        tiny.flags(), tiny.data_file(4)
+    dist.barrier()
+    args = g.parse_args(tiny.flags() + ["--precision", "bf16", "--beta", "0"])
+    run = g.load_models(args, rank, 2, CPU, init_device_mesh("cpu", (2,)))  # shard(bf16=True) of the policy
+    banned, model = run.banned, run.model
+    b = g.sft_batch(
+        run.processor, data.load_examples(tiny.data_file(4), "train")[2 * rank : 2 * rank + 2], args
+    )
+    assert model.training
     layers = [*model.model.visual.blocks, *model.model.language_model.layers]
     computed, reduced = [], []
     for layer in layers:
@@ -96,7 +105,10 @@ def test_one_process_bf16_generates_and_scores_under_autocast_and_fp32_does_not(
                 hook.remove()
             on = torch.is_autocast_enabled("cpu")
             weights = {p.dtype for p in model.parameters()}
-            seen.append((what, on, torch.get_autocast_dtype("cpu") if on else None, mlp_dtypes, weights))
+            who = what
+            if what != "rollout":  # the policy trains; the reference is frozen
+                who = "policy" if any(p.requires_grad for p in model.parameters()) else "reference"
+            seen.append((who, on, torch.get_autocast_dtype("cpu") if on else None, mlp_dtypes, weights))
             if what != "rollout":
                 assert result.dtype == torch.float32  # log-softmax in fp32 whatever the compute dtype
             return result
@@ -108,13 +120,12 @@ def test_one_process_bf16_generates_and_scores_under_autocast_and_fp32_does_not(
     bf16, fp32 = torch.bfloat16, torch.float32
     for precision, autocast, compute in [("bf16", True, bf16), ("fp32", False, fp32)]:
         seen.clear()
-        g.main(
-            f"--model tiny --data synthetic:16 --max-steps 1 --prompts-per-step 2 --num-generations 2 "
-            f"--max-new-tokens 8 --log-completions-every 0 --precision {precision} "
-            f"--out {tmp_path / precision}".split()
-        )
-        # the rollout, the reference's scoring, the policy's scoring
-        assert [what for what, *_ in seen] == ["rollout", "scoring", "scoring"], seen
+        flags = ["--data", tiny.data_file(16), "--max-steps", "1", "--prompts-per-step", "2"]
+        flags += ["--num-generations", "2", "--max-new-tokens", "8", "--precision", precision]
+        g.main(tiny.flags() + flags + ["--out", str(tmp_path / precision)])
+        # the rollout (one generate() per prompt), then per prompt's micro-batch the reference's scoring,
+        # then the policy's
+        assert [what for what, *_ in seen] == ["rollout", "reference", "reference", "policy", "policy"], seen
         expected = (autocast, bf16 if autocast else None, {compute}, {fp32})
         assert all(tuple(s[1:]) == expected for s in seen), (precision, seen)
 

@@ -179,3 +179,39 @@ def test_r1_never_credits_what_it_cannot_tell_apart():
     assert not R.answers_equal("1000000", "1000001") and R.answers_equal("1000000", "1e6") is False
     assert R.answers_equal("1000000", "1000000.0")
     assert not R.answers_equal("1.2.3", "0.36") and R.answers_equal("2(3)", "6")
+
+
+@pytest.mark.parametrize(
+    "s,value",
+    [
+        ("1+2*3", 7.0),  # products bind tighter than sums
+        ("2-3-4", -5.0),  # left to right
+        ("8/4/2", 1.0),
+        ("-\\sqrt{4}", -2.0),
+        ("2(3)(4)", 24.0),  # a factor after a factor multiplies
+        ("{1}+(2)", 3.0),
+        ("eleven", 11.0),
+        ("twenty", 20.0),
+        ("50\\%", 50.0),
+        ("(1}", None),  # a bracket closes as it opened
+        ("{1)", None),
+        ("(1", None),
+        ("1)", None),
+        ("1+", None),  # nothing may be left over or missing
+        ("", None),
+        ("()", None),
+        ("\\frac{1}", None),
+    ],
+)
+def test_parse_number_grammar(s, value):
+    assert R.parse_number(s) == value
+
+
+def test_r6_any_whitespace_around_and_between_the_blocks_only():
+    ex = {"answer": "2"}
+    assert R.hard_format("\u2003<think>a</think>\n\u00a0<answer>2</answer>\t", ex) == 1.0
+    assert R.hard_format("<think>a</think>\u00a0.<answer>2</answer>", ex) == 0.0
+
+
+def test_r4_alpha_is_the_papers():
+    assert R.ALPHA == 0.1

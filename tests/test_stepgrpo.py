@@ -4,6 +4,7 @@ step-wise and chat data schemas, and the whole stepgrpo pipeline on the tiny mod
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 import data
 import grpo_vl as g
 import rewards as R
+import tiny as tiny_fixtures  # the model and data fixtures (the name `tiny` is conftest's fixture)
 
 EX = {
     "answer": "2",
@@ -99,7 +101,10 @@ def test_r4_word_boundaries_with_a_short_form():
 
 def test_r4_rows_without_key_steps_still_reward_the_outcome():
     assert R.step_accuracy(FULL, {"answer": "2", "key_steps": []}) == 1.0
-    assert R.step_accuracy(FULL, EX, alpha=0.5) == pytest.approx(1.5)
+    # alpha weighs the share of key steps matched: R1-VL's 0.1, a constant
+    assert R.ALPHA == 0.1
+    assert R.step_accuracy(FULL, EX) == pytest.approx(1 + R.ALPHA)
+    assert R.step_accuracy(HALF, EX) == pytest.approx(1 + R.ALPHA * 0.5)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +163,10 @@ def test_sft_batch_masks_exactly_the_prompt_and_image_tokens(tiny, examples):
     """Hand-built check: the mask covers the target's tokens plus <|im_end|>, nothing of the prompt, and
     the loss equals cross-entropy computed by hand from the full logits at those positions."""
     model, processor, _, banned = tiny
-    args = g.parse_args(["--variant", "stepgrpo", "--model", "tiny", "--sft-data", "synthetic"])
+    args = g.parse_args(
+        ["--variant", "stepgrpo", *tiny_fixtures.flags(), "--sft-data", tiny_fixtures.data_file(16)]
+    )
+    assert g.PROMPT[args.variant] == "step"  # the P3 prompt, and its target as it is
     exs = [examples[0], examples[1]]
     b = g.sft_batch(processor, exs, args)
     tok = processor.tokenizer
@@ -192,18 +200,18 @@ def test_sft_batch_masks_exactly_the_prompt_and_image_tokens(tiny, examples):
 
 def test_sft_lowers_the_loss(tmp_path):
     out = str(tmp_path / "sft")
+    # 12 SFT steps: 2 epochs x (48 rows // 8 per step)
     g.main(
         [
             "--variant",
             "stepgrpo",
-            "--model",
-            "tiny",
+            *tiny_fixtures.flags(),
             "--sft-data",
-            "synthetic:64",
-            "--data",
-            "synthetic:64",
-            "--sft-steps",
-            "12",
+            tiny_fixtures.data_file(48),
+            "--sft-epochs",
+            "2",
+            "--sft-batch",
+            "8",
             "--sft-only",
             "--out",
             out,
@@ -221,20 +229,22 @@ def test_sft_lowers_the_loss(tmp_path):
 def test_stepgrpo_sft_then_rl_on_the_tiny_model(tmp_path):
     out = str(tmp_path / "s")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # 4 SFT steps (1 epoch x (32 rows // 8 per step)), then 2 RL steps
     p = subprocess.run(
         [
             sys.executable,
             "grpo_vl.py",
             "--variant",
             "stepgrpo",
-            "--model",
-            "tiny",
+            *tiny_fixtures.flags(),
             "--sft-data",
-            "synthetic:64",
+            tiny_fixtures.data_file(32),
             "--data",
-            "synthetic:64",
-            "--sft-steps",
-            "4",
+            tiny_fixtures.data_file(64),
+            "--sft-epochs",
+            "1",
+            "--sft-batch",
+            "8",
             "--max-steps",
             "2",
             "--out",
@@ -297,7 +307,7 @@ def test_stepwise_and_chat_rows(tmp_path):
             }
         ]
     ).to_json(chat)
-    (ex,) = data.load_examples(chat, "train")
+    (ex,) = data.load_examples(chat, "train", sft=True)  # chat rows are SFT data (no answer to reward)
     assert ex["question"] == "What is shown?" and ex["target"] == "<think>red</think><answer>red</answer>"
     bad = str(tmp_path / "bad.jsonl")
     datasets.Dataset.from_list(
@@ -308,11 +318,21 @@ def test_stepwise_and_chat_rows(tmp_path):
             }
         ]
     ).to_json(bad)
-    with pytest.raises(ValueError, match="row 0, column 'images': images and <image> slots differ \(2 and 1\)"):
-        data.load_examples(bad, "train")
+    with pytest.raises(ValueError) as e:
+        data.load_examples(bad, "train", sft=True)
+    # data.py's wording may change: the data set, row and column, then 2 images and 1 <image> slot
+    why = row_error(str(e.value), bad, 0, "images")
+    assert "<image>" in why and re.search(r"\b2\b.*\b1\b", why), why
 
 
-def test_stepgrpo_needs_data_and_sft_needs_targets(tmp_path, capsys):
+def row_error(message, path, row, column):
+    """The reason of data.py's one-line row error `data set 'FILE', row N, column 'C': why` (asserted)."""
+    head = f"data set {path!r}, row {row}, column {column!r}: "
+    assert message.startswith(head) and "\n" not in message, message
+    return message[len(head) :]
+
+
+def test_stepgrpo_needs_data_and_sft_needs_targets(tmp_path, capsys, monkeypatch):
     import datasets
     from PIL import Image
 
@@ -322,7 +342,7 @@ def test_stepgrpo_needs_data_and_sft_needs_targets(tmp_path, capsys):
     for variant in ("stepgrpo", "vision-r1"):  # the warm-up set is not the RL set: no default to --data
         with pytest.raises(SystemExit) as e:
             g.parse_args(["--variant", variant, "--data", "rl.jsonl"])
-        assert e.value.code == 2 and f"--variant {variant} needs --sft-data" in capsys.readouterr().err
+        assert e.value.code == 2 and "--sft-epochs needs --sft-data" in capsys.readouterr().err
         assert g.parse_args(["--variant", variant, "--data", "rl.jsonl", "--sft-epochs", "0"]).sft_data == ""
     Image.new("RGB", (40, 40)).save(tmp_path / "b.png")
     datasets.Dataset.from_dict(
@@ -333,17 +353,24 @@ def test_stepgrpo_needs_data_and_sft_needs_targets(tmp_path, capsys):
             "answer": ["(A)"],
         }
     ).to_parquet(str(tmp_path / "cv.parquet"))
-    with pytest.raises(SystemExit) as e:
+    cv = str(tmp_path / "cv.parquet")
+    capsys.readouterr()  # the parquet writer's progress bar
+    monkeypatch.setattr(g, "load_models", lambda *a: pytest.fail("the model was loaded before the data"))
+    with pytest.raises(SystemExit) as e:  # an SFT set without targets ends the run before the model loads
         g.main(
             [
-                "--model",
-                "tiny",
+                *tiny_fixtures.flags(),
                 "--data",
-                str(tmp_path / "cv.parquet"),
-                "--sft-steps",
+                cv,
+                "--sft-data",
+                cv,
+                "--sft-epochs",
                 "1",
                 "--out",
                 str(tmp_path / "o"),
             ]
         )
-    assert e.value.code == 2 and "row 0: no 'solution' or assistant turn" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("grpo_vl.py: error: "), err
+    why = row_error(err.removeprefix("grpo_vl.py: error: "), cv, 0, "solution")
+    assert "solution" in why and "assistant" in why, why  # data.py's wording: its key words

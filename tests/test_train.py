@@ -1,9 +1,11 @@
 """The real script end to end on the tiny model: single process, FSDP2 on 2 CPU ranks, frozen parts."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 import grpo_vl as g
 import learning
 import rewards as R
+import tiny as fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -32,18 +35,27 @@ def load_weights(path):
     return AutoModelForImageTextToText.from_pretrained(path).state_dict()
 
 
+def start_weights():
+    """The tiny model's weights before any training: its cached folder, as every run loads it."""
+    return load_weights(fixtures.model_dir())
+
+
+def tiny_flags(rows, flags):
+    """tests/tiny.py's flags with a training set of `rows` synthetic rows, then `flags` (one string)."""
+    return [*fixtures.flags(), "--data", fixtures.data_file(rows), *flags.split()]
+
+
 def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     stdout = run(
         [
             sys.executable,
             "grpo_vl.py",
+            *fixtures.flags(),
             "--variant",
             "r1zero",
-            "--model",
-            "tiny",
             "--data",
-            "synthetic:64",
+            fixtures.data_file(64),
             "--max-steps",
             "2",
             "--out",
@@ -55,7 +67,7 @@ def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(
             "--eval-every",
             "2",
             "--eval-data",
-            "synthetic:8",
+            fixtures.data_file(8, seed=1),
         ]
     )
     assert "step 2/2" in stdout
@@ -69,7 +81,6 @@ def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(
         "rewards/format",
         "rewards/length",
         "completion_len",
-        "completion_len_max",
         "truncated_frac",
         "kl",
         "clip_frac",
@@ -100,15 +111,16 @@ def test_r1zero_two_steps_writes_metrics_trajectories_and_a_loadable_checkpoint(
     assert 1 <= start["completion_len"] <= 96 and 1 <= report["completion_len"] <= 96
     assert "cvbench_combined" in report
     weights = load_weights(os.path.join(out, "checkpoint"))
-    start = g.build_tiny(0)[0].state_dict()
+    start = start_weights()
     assert all(weights[k].shape == v.shape for k, v in start.items())
     assert any(not torch.equal(weights[k], v) for k, v in start.items())  # it trained
 
 
 def test_fsdp_two_ranks_match_one_process(learned_one, learned_two):
     """tests/learning.py's run (4 SFT steps, then 5 GRPO steps that really train) on 2 FSDP ranks equals it
-    in one process, step by step, within float tolerance: same prompts, same completions (--gen-batch 1
-    makes sampling rank-count independent), micro-batches of 3 that cut across groups."""
+    in one process, step by step, within float tolerance: same prompts, same completions (one generate()
+    call per prompt, seeded with its index in the step, makes sampling rank-count independent), micro-batches
+    of 3 that cut groups of 8."""
     one, two = metrics(learned_one), metrics(learned_two)
     assert [(m["phase"], m["step"]) for m in one] == [(m["phase"], m["step"]) for m in two] == learning.PHASES
     for a, b in zip(one, two):
@@ -120,31 +132,33 @@ def test_fsdp_two_ranks_match_one_process(learned_one, learned_two):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
         assert a["frac_zero_std"] == b["frac_zero_std"], (a, b)
     w1, w2 = (load_weights(os.path.join(out, "checkpoint")) for out in (learned_one, learned_two))
-    start = g.build_tiny(0)[0].state_dict()
+    start = start_weights()
     for k in start:
         assert not torch.equal(w1[k], start[k]), f"{k} did not move"  # every parameter group was updated
         # Adam's step is lr*m/(sqrt(v)+eps): float-order noise in a near-zero gradient can move a weight by a
         # small fraction of lr (1e-3), so the tolerance is relative to lr; the gradient norms above are exact
         assert torch.allclose(w1[k], w2[k], atol=1e-4), (k, (w1[k] - w2[k]).abs().max())
-    for out in (learned_one, learned_two):  # and GRPO moved them by more than that
-        learning.assert_learned(out, "sft-000004", tol=1e-4)
+    # and GRPO moved them by more than that, from the end of SFT (the same flags with --sft-only)
+    for out, launcher in ((learned_one, learning.ONE), (learned_two, learning.TWO)):
+        learning.assert_learned(out, learning.sft_end(launcher), tol=1e-4)
 
 
 def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt(tiny, monkeypatch, tmp_path):
-    """One rank, 3 prompts with different images, G = 3, micro-batches of 4 that cut across groups.
-    Completion j is generated from prompt j // G (its prompt tokens and image rows in the rollout batch),
-    scored under that prompt (every scoring forward), and rewarded with that prompt's data row (I8). A
-    reward that depends on the row alone is then constant within each group."""
+    """One rank, 3 prompts with different images, G = 3, micro-batches of 2 that cut each group in two.
+    Completion j is generated from prompt j // G (its prompt tokens and image rows in that prompt's rollout
+    batch, whose "idx" names it j), scored under that prompt (every scoring forward, whose "idx" picks its
+    advantage), and rewarded with that prompt's data row (I8). A reward that depends on the row alone is
+    then constant within each group."""
     _, processor, _, _ = tiny
     G, rollouts, scored, rewarded = 3, [], [], []
     real_rollout, real_logprobs = g.rollout, g.token_logprobs
 
-    def recording_rollout(model, processor, exs, *rest, **kw):
-        rollouts.append((exs, real_rollout(model, processor, exs, *rest, **kw)))
+    def recording_rollout(model, exs, *rest, **kw):
+        rollouts.append((exs, real_rollout(model, exs, *rest, **kw)))
         return rollouts[-1][1]
 
     def recording_logprobs(model, b, *rest):
-        scored.append({k: b[k] for k in (*g.MODEL_KEYS, "n_images", "image_src", "completion")})
+        scored.append({k: b[k] for k in (*g.MODEL_KEYS, "n_images", "image_src", "completion", "idx")})
         return real_logprobs(model, b, *rest)
 
     def row_reward(text, ex, n_tokens=0):  # depends on the data row only
@@ -156,25 +170,32 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
     monkeypatch.setitem(R.REWARDS, "accuracy", row_reward)
     out = str(tmp_path / "i8")
     g.main(
-        f"--model tiny --data synthetic:16 --max-steps 1 --prompts-per-step 3 --num-generations {G} "
-        f"--micro-batch 4 --max-new-tokens 8 --rewards accuracy --log-completions-every 0 --out {out}".split()
+        tiny_flags(
+            16,
+            f"--max-steps 1 --prompts-per-step 3 --num-generations {G} --micro-batch 2 --max-new-tokens 8 "
+            f"--rewards accuracy --log-completions-every 0 --out {out}",
+        )
     )
-    ((exs, (b,)),) = rollouts  # one generate() call for the rank's 3 prompts
-    args = g.parse_args(["--model", "tiny"])
+    ((exs, batches),) = rollouts  # one rollout for the rank's 3 prompts: one batch (one generate()) each
+    assert [b["idx"].tolist() for b in batches] == [list(range(k * G, (k + 1) * G)) for k in range(3)]
+    args = g.parse_args(fixtures.flags())
     alone = [g.encode(processor, [ex], args) for ex in exs]
     assert len({ex["row"] for ex in exs}) == 3 and len({a["pixel_values"].shape for a in alone}) > 1
-    texts = [g.completion_text(t, args) for t in processor.batch_decode(b["completion"], True)]
+    completions = [b["completion"][i : i + 1] for b in batches for i in range(G)]  # completion j
+    texts = [
+        g.completion_text(t, args) for b in batches for t in processor.batch_decode(b["completion"], True)
+    ]
 
     def assert_own_prompt(batch, i, j):  # sequence i of `batch` is completion j under prompt j // G
         seq, own = g.take(batch, [i]), alone[j // G]
         assert seq["input_ids"][seq["attention_mask"].bool()].tolist() == own["input_ids"][0].tolist(), (i, j)
-        assert torch.equal(seq["pixel_values"], own["pixel_values"]) and torch.equal(
-            seq["completion"], b["completion"][j : j + 1]
-        ), (i, j)
+        assert torch.equal(seq["pixel_values"], own["pixel_values"]), (i, j)
+        assert torch.equal(seq["completion"], completions[j]) and seq["idx"].tolist() == [j], (i, j)
 
     for j in range(3 * G):  # generated from
-        assert_own_prompt(b, j, j)
+        assert_own_prompt(batches[j // G], j % G, j)
     assert sum(len(mb["completion"]) for mb in scored) == 2 * 3 * G  # reference, then policy forwards
+    assert max(len(mb["completion"]) for mb in scored) == 2  # micro-batches of 2: each group cut in two
     j = 0
     for mb in scored:  # scored against
         for i in range(len(mb["completion"])):
@@ -202,8 +223,11 @@ def test_a_policy_step_climbs_the_objective(monkeypatch, tmp_path):
     monkeypatch.setattr(g, "grpo_loss", recording_objective)
     monkeypatch.setitem(R.REWARDS, "accuracy", text_length)
     g.main(
-        "--model tiny --data synthetic:16 --max-steps 1 --rewards accuracy --mu 2 --beta 0 --lr 1e-3 "
-        f"--max-new-tokens 16 --log-completions-every 0 --out {tmp_path}".split()
+        tiny_flags(
+            16,
+            "--max-steps 1 --rewards accuracy --mu 2 --beta 0 --lr 1e-3 --max-new-tokens 16 "
+            f"--log-completions-every 0 --out {tmp_path}",
+        )
     )
     second = seen[len(seen) // 2 :]  # the micro-batches of epoch 2, after one optimizer step
     # sum_i A_i * mean_t log(pi / pi_old): how far the step moved the sequence-mean surrogate (G6) upwards
@@ -220,28 +244,13 @@ def test_fsdp_rollouts_gather_once_and_match_unsharded():
 def test_freeze_really_freezes(tmp_path, part):
     out = str(tmp_path / part)
     g.main(
-        [
-            "--model",
-            "tiny",
-            "--data",
-            "synthetic:16",
-            "--max-steps",
-            "1",
-            "--length-bonus",
-            "0.01",
-            "--lr",
-            "1e-2",
-            "--freeze",
-            part,
-            "--out",
-            out,
-            "--log-completions-every",
-            "0",
-            "--max-new-tokens",
-            "16",
-        ]
+        tiny_flags(
+            16,
+            f"--max-steps 1 --length-bonus 0.01 --lr 1e-2 --freeze {part} --out {out} "
+            "--log-completions-every 0 --max-new-tokens 16",
+        )
     )
-    weights, start = load_weights(os.path.join(out, "checkpoint")), g.build_tiny(0)[0].state_dict()
+    weights, start = load_weights(os.path.join(out, "checkpoint")), start_weights()
     frozen = (
         [k for k in start if k.startswith("model.visual")]
         if part == "vision"
@@ -252,35 +261,21 @@ def test_freeze_really_freezes(tmp_path, part):
 
 
 @pytest.mark.parametrize(
-    "flags,check",
+    "flags,eps,check",
     [
-        (["--mu", "2", "--eps", "0.05"], lambda m: m["clip_frac"] > 0),  # 2nd epoch: rho != 1, clipped
-        (["--beta", "0"], lambda m: m["kl"] == 0.0),  # no reference model at all
-        (["--loss-agg", "token"], lambda m: m["grad_norm"] > 0),
+        ("--mu 2", 0.05, lambda m: m["clip_frac"] > 0),  # 2nd epoch: rho != 1, clipped (eps patched)
+        ("--beta 0", g.EPS, lambda m: m["kl"] == 0.0),  # no reference model at all
     ],
 )
-def test_policy_epochs_no_reference_and_token_mean(tmp_path, flags, check):
+def test_policy_epochs_and_no_reference(tmp_path, monkeypatch, flags, eps, check):
+    monkeypatch.setattr(g, "EPS", eps)  # --eps is gone: the constant grpo_loss reads
     out = str(tmp_path / "run")
     g.main(
-        [
-            "--model",
-            "tiny",
-            "--data",
-            "synthetic:16",
-            "--max-steps",
-            "1",
-            "--length-bonus",
-            "0.01",
-            "--lr",
-            "1e-2",
-            "--out",
-            out,
-            "--log-completions-every",
-            "0",
-            "--max-new-tokens",
-            "16",
-            *flags,
-        ]
+        tiny_flags(
+            16,
+            f"--max-steps 1 --length-bonus 0.01 --lr 1e-2 --out {out} --log-completions-every 0 "
+            f"--max-new-tokens 16 {flags}",
+        )
     )
     (m,) = metrics(out)
     assert check(m), m
@@ -289,12 +284,12 @@ def test_policy_epochs_no_reference_and_token_mean(tmp_path, flags, check):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--variant", "nope"], "--variant 'nope' is not one of"),
-        (["--rewards", "accuracy,vibes"], "--rewards 'vibes': expected one of 'accuracy'"),
+        (["--variant", "nope"], "argument --variant: invalid choice: 'nope'"),
+        (["--rewards", "accuracy,vibes"], "--rewards: no reward 'vibes' (choose from accuracy"),
         (["--num-generations", "1"], "at least 2"),
-        (["--loss-agg", "mean"], "--loss-agg 'mean'"),
-        (["--freeze", "everything"], "--freeze 'everything'"),
-        (["--sft-only"], "--sft-only needs --sft-epochs or --sft-steps"),
+        (["--freeze", "everything"], "argument --freeze: invalid choice: 'everything'"),
+        (["--sft-only"], "--sft-only needs --sft-epochs"),
+        (["--sft-epochs", "1"], "--sft-epochs needs --sft-data"),
     ],
 )
 def test_bad_flags_exit_2_with_one_clear_line(argv, message, capsys):
@@ -328,43 +323,43 @@ def test_readme_links_point_at_the_lines_that_implement_them():
     assert readme_links.relink(readme) == readme
 
 
-def test_evaluation_counts_completion_length_as_g9_does(tiny, examples):
+def test_evaluation_counts_completion_length_as_g9_does(tiny, examples, tmp_path):
     """Greedy completions stubbed: one stops at its EOS (3 tokens + EOS = 4), one runs to the cap (6)."""
     model, processor, eos, banned = tiny
-    args = g.parse_args(["--model", "tiny", "--eval-max-new-tokens", "6"])
+    args = g.parse_args([*fixtures.flags(), "--eval-max-new-tokens", "6", "--out", str(tmp_path)])
     a, pad = processor.tokenizer("a", add_special_tokens=False)["input_ids"][0], eos[0]
 
     class Stub(torch.nn.Module):
         def generate(self, input_ids, **kw):
+            assert kw["do_sample"] is False and kw["max_new_tokens"] == 6  # greedy, at the evaluation cap
             tails = torch.tensor([[a, a, a, pad, pad, pad], [a] * 6])
             return torch.cat([input_ids, tails[: len(input_ids)]], 1)
 
-    run = dict(processor=processor, eos=eos, banned=banned, device="cpu", rank=0, world=1)
-    report = g.evaluate(Stub(), examples[:2], args, run)
+    run = SimpleNamespace(
+        model=Stub(), processor=processor, eos=eos, banned=banned, device=torch.device("cpu"), rank=0, world=1
+    )
+    run.amp = contextlib.nullcontext()
+    report = g.run_eval(examples[:2], args, run, "eval_g9")
     assert report["n"] == 2 and report["completion_len"] == (4 + 6) / 2 and report["format"] == 0.0
+    assert json.load(open(tmp_path / "eval_g9.json")) == report  # written by rank 0
 
 
 def test_demo_prints_the_before_after_table_from_its_evaluations(tmp_path):
-    """./run.sh demo's script, cut to 2 SFT and 2 GRPO steps: the table shows the two evaluations' numbers."""
+    """./run.sh demo's script, --quick and cut to 2 SFT and 2 GRPO steps: the table shows the two
+    evaluations' numbers."""
     out = str(tmp_path / "demo")
     stdout = run(
         [
             sys.executable,
             "tests/demo.py",
-            "--sft-steps",
-            "2",
-            "--max-steps",
-            "2",
-            "--prompts-per-step",
-            "2",
-            "--eval-data",
-            "synthetic:8:Color",
-            "--out",
-            out,
+            "--quick",
+            *("--sft-data", fixtures.data_file(16), "--sft-epochs", "1", "--sft-batch", "8"),  # 2 SFT steps
+            *("--max-steps", "2", "--prompts-per-step", "2"),
+            *("--eval-data", fixtures.data_file(8, seed=1, tasks=("Color",)), "--out", out),
         ]
     )
     before, after = (json.load(open(os.path.join(out, f"eval_step{s}.json"))) for s in (0, 2))
-    assert "step 2/2" in stdout and "held-out synthetic:8:Color (n = 8)" in stdout
+    assert "sft 2/2" in stdout and "step 2/2" in stdout and "held-out" in stdout and "(n = 8)" in stdout
     assert (
         f"| start of GRPO (after the SFT warm-up) | {before['accuracy']:.3f} | {before['format']:.3f} | "
         f"{before['completion_len']:.1f} |"
@@ -372,15 +367,18 @@ def test_demo_prints_the_before_after_table_from_its_evaluations(tmp_path):
     assert f"| after 2 GRPO steps | {after['accuracy']:.3f} | {after['format']:.3f} |" in stdout
 
 
-def test_readme_demo_command_is_the_demo_recipe():
-    """The README shows the demo as one grpo_vl.py command: it must be what tests/demo.py runs."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
+def test_readme_demo_command_is_the_demo_recipe(monkeypatch):
+    """The README shows the demo as one grpo_vl.py command: it must be what tests/demo.py runs by default
+    (seed 0, into runs/demo-0, the fixture folders it writes there)."""
     import demo
 
+    # the paths demo.recipe's fixtures would have, without writing them
+    monkeypatch.setattr(demo.tiny, "write", lambda folder, seed=0, **kw: folder)
+    monkeypatch.setattr(demo.shapes, "write", lambda folder, *a, **kw: os.path.join(folder, "rows.jsonl"))
+    recipe = demo.recipe("runs/demo-0", 0, quick=False)
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = readme.split("python grpo_vl.py --variant r1zero --model tiny --sft-data", 1)[1].split("```", 1)[
-        0
-    ]
-    shown = ("--variant r1zero --model tiny --sft-data" + block).replace("\\\n", " ").split()
-    steps = g.parse_args(demo.RECIPE).max_steps
-    assert g.parse_args(shown) == g.parse_args(demo.RECIPE + ["--eval-every", str(steps)])
+    demo_section = readme.split("## The demo", 1)[1]
+    block = demo_section.split("python grpo_vl.py ", 1)[1].split("```", 1)[0]
+    shown = block.replace("\\\n", " ").split()
+    steps = g.parse_args(recipe).max_steps
+    assert g.parse_args(shown) == g.parse_args(recipe + ["--eval-every", str(steps)])

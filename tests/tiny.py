@@ -8,6 +8,7 @@ task (shapes.py); the model is the real class at ~0.2M parameters.
 """
 
 import os
+import shutil
 import sys
 
 import torch
@@ -88,7 +89,6 @@ def build(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
     return model, processor
 
 
-
 def write(folder, seed=0, **kwargs):
     """build(seed, **kwargs) saved as a model folder. Written once: a folder with a config is left as it is."""
     if not os.path.exists(os.path.join(folder, "config.json")):
@@ -96,7 +96,10 @@ def write(folder, seed=0, **kwargs):
         tmp = f"{folder}.{os.getpid()}.tmp"
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process wrote the same folder meanwhile
+            shutil.rmtree(tmp)
     return folder
 
 
@@ -111,6 +114,28 @@ def model_dir(kind="tiny", seed=0):
 def data_file(n=64, seed=0, tasks=shapes.TASKS):
     """The cached synthetic data set of n rows (shapes.py): the path of its rows.jsonl."""
     return shapes.write(os.path.join(CACHE, f"shapes-{n}-{seed}-{'-'.join(tasks)}"), n, seed, tasks)
+
+
+def flags():
+    """What `--model tiny` used to mean: the tiny model, the synthetic data (2,000 training rows, 64 held-out
+    ones drawn with the next seed), and the settings of a laptop run. Later flags override these."""
+    return [
+        "--model",
+        model_dir(),
+        "--data",
+        data_file(2000),
+        "--eval-data",
+        data_file(64, seed=1),
+        "--max-new-tokens",
+        "96",
+        "--eval-max-new-tokens",
+        "96",
+        "--prompts-per-step",
+        "4",
+        "--sft-lr",
+        "1e-2",
+        "--no-gradient-checkpointing",
+    ]
 
 
 if __name__ == "__main__":
