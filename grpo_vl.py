@@ -165,12 +165,13 @@ def token_logprobs(model, b, T, banned, device):
     was drawn from, so rho and D compare the probabilities of what was really sampled."""
     comp = b["completion"].to(device)  # (N, C)
     N, C = comp.shape
+    prompt = copies(b["prompt"], N // len(b["prompt"]["input_ids"]), device)  # N completions of one prompt
     out = model(
-        input_ids=torch.cat([b["input_ids"].to(device), comp], 1),
-        attention_mask=torch.cat([b["attention_mask"].to(device), b["mask"].to(device).long()], 1),
-        mm_token_type_ids=torch.cat([b["mm_token_type_ids"].to(device), torch.zeros_like(comp)], 1),  # I6
-        pixel_values=b["pixel_values"].to(device),
-        image_grid_thw=b["image_grid_thw"].to(device),
+        input_ids=torch.cat([prompt["input_ids"], comp], 1),
+        attention_mask=torch.cat([prompt["attention_mask"], b["mask"].to(device).long()], 1),
+        mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(comp)], 1),  # I6
+        pixel_values=prompt["pixel_values"],
+        image_grid_thw=prompt["image_grid_thw"],
         logits_to_keep=1,  # the model's own logits at one position only; ours are computed below
         output_hidden_states=-1,  # an index, not a bool: the last layer's (normed) states only
         use_cache=False,
@@ -229,22 +230,22 @@ def grpo_loss(logp, old, ref, A, mask, beta, n_completions):
 @torch.no_grad()
 def rollout(model, exs, args, run, seed):
     """G completions of each prompt, sampled at temperature T (G8) with the KV cache, one generate() call
-    per prompt. Returns one batch per prompt: its G sequences, completions (G, C), their masks (G9) and
-    "idx": completion j of this rank's step answers prompt j // G (I8)."""
+    per prompt. Returns one batch per prompt: the prompt encoded once, its completions (G, C), their masks
+    (G9) and "idx": completion j of this rank's step answers prompt j // G (I8)."""
     G = args.num_generations
     batches = []
     with gathered(model):
         for j, ex in enumerate(exs):
-            b = take(encode(run.processor, [ex], args), torch.zeros(G, dtype=torch.long))  # G copies (I3)
-            b["idx"] = torch.arange(j * G, (j + 1) * G)
+            prompt = data.encode(run.processor, [ex], PROMPT[args.variant], args.max_pixels)  # (1, L)
             torch.manual_seed(seed + j)  # seed + the prompt's index in the step: free of the rank count
-            with shared_vision(b, model):  # the prefill encodes the prompt's image once, not G times
-                inputs = {k: b[k].to(run.device) for k in MODEL_KEYS}
+            with shared_vision(G, model):  # the prefill encodes the prompt's image once, not G times
+                inputs = copies(prompt, G, run.device)  # (G, L)
                 seqs = model.generate(
                     **inputs, temperature=args.temperature, max_new_tokens=args.max_new_tokens
                 )
-            b["completion"] = seqs[:, b["input_ids"].shape[1] :].cpu()  # (G, C)
+            b = {"prompt": prompt, "completion": seqs[:, prompt["input_ids"].shape[1] :].cpu()}  # (G, C)
             b["mask"], b["truncated"] = completion_mask(b["completion"], run.eos)
+            b["idx"] = torch.arange(j * G, (j + 1) * G)
             batches.append(b)
     return batches
 
@@ -280,11 +281,14 @@ def grpo_step(step, exs, args, stage_args, run):
     A, frac_zero_std = group_advantages(r, G)
     t2 = time.time()
     # ---- 4. log-probs of pi_ref (G4) and of pi_old (G7), without gradients, by micro-batch
-    micro = [mb for b in batches for mb in split(b, args.micro_batch)]
+    micro = []  # micro-batches of up to --micro-batch completions of one prompt
+    for b in batches:
+        for s in range(0, G, args.micro_batch):
+            micro.append({k: v if k == "prompt" else v[s : s + args.micro_batch] for k, v in b.items()})
     for mb in micro:
         mb["ref"] = None
         mb["old"] = None  # mu = 1: pi_old is pi_theta itself, detached in 5; no extra forward (G7)
-        with torch.no_grad(), run.amp, shared_vision(mb, ref, model):
+        with torch.no_grad(), run.amp, shared_vision(len(mb["idx"]), ref, model):
             if ref is not None:
                 mb["ref"] = token_logprobs(ref, mb, args.temperature, run.banned, device)
             if args.mu > 1:
@@ -297,7 +301,7 @@ def grpo_step(step, exs, args, stage_args, run):
         kl = clip_frac = loss_sum = 0.0
         for mb in micro:
             mask = mb["mask"].to(device)
-            with run.amp, shared_vision(mb, model):  # the G copies' gradients sum into one encoding
+            with run.amp, shared_vision(len(mb["idx"]), model):  # the copies' gradients sum into one encoding
                 logp = token_logprobs(model, mb, args.temperature, run.banned, device)  # (n, C) log pi_theta
             old = logp.detach() if mb["old"] is None else mb["old"]  # G7: at mu = 1, rho = 1
             A_mb = A[mb["idx"]].to(device)  # this micro-batch's completions' advantages (I8)
@@ -619,25 +623,23 @@ def gathered(model):
 
 
 @contextlib.contextmanager
-def shared_vision(batch, *models):
-    """Each model's vision tower encodes each distinct image of `batch` once, not once per sequence: a
-    group's G sequences hold copies of one image (batch["image_src"] names the copies, I3). The one encoding
-    goes to all G, so autograd sums their G gradients into it and back-propagates the sum through the tower
-    once -- by linearity, the sum of G backward passes: the gradient is exact. Only get_image_features is
-    replaced; the tower is still called as a module, so FSDP2's hooks gather and reshard it (I9)."""
-    src = batch["image_src"].tolist()
-    distinct = list(dict.fromkeys(src))  # in order of first appearance
-    first = [src.index(s) for s in distinct]  # one copy of each
+def shared_vision(n, *models):
+    """For a batch of n copies of one prompt (a group's G sequences): each model's vision tower encodes the
+    prompt's images once, not n times. The one encoding goes to all n, so autograd sums their n gradients
+    into it and back-propagates the sum through the tower once -- by linearity, the sum of n backward
+    passes: the gradient is exact. Only get_image_features is replaced; the tower is still called as a
+    module, so FSDP2's hooks gather and reshard it (I9)."""
 
-    def encode_distinct(get_image_features, pixel_values, image_grid_thw, **kwargs):
-        pixels = pixel_values.split(image_grid_thw.prod(-1).tolist())  # one block of rows per image
-        out = get_image_features(torch.cat([pixels[i] for i in first]), image_grid_thw[first], **kwargs)
-        out.pooler_output = [out.pooler_output[distinct.index(s)] for s in src]  # copies share one tensor
+    def encode_once(get_image_features, pixel_values, image_grid_thw, **kwargs):
+        k = len(image_grid_thw) // n  # the prompt's images
+        rows = image_grid_thw[:k].prod(-1).sum()  # their patches: the first copy's rows of pixel_values
+        out = get_image_features(pixel_values[:rows], image_grid_thw[:k], **kwargs)
+        out.pooler_output = list(out.pooler_output) * n  # every copy shares the one encoding
         return out
 
     models = [m for m in models if m is not None]
     for m in models:  # an instance attribute is found before the class's method, by forward and generate
-        m.model.get_image_features = functools.partial(encode_distinct, m.model.get_image_features)
+        m.model.get_image_features = functools.partial(encode_once, m.model.get_image_features)
     try:
         yield
     finally:
@@ -646,36 +648,10 @@ def shared_vision(batch, *models):
 
 
 # ------------------------------------------------------------------ batches (I3)
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def encode(processor, exs, args):
-    """The examples' prompts, left-padded (I2), with how many images each has and which image each is."""
-    return {
-        **data.encode(processor, exs, PROMPT[args.variant], args.max_pixels),
-        "n_images": torch.tensor([len(ex["images"]) for ex in exs]),
-        "image_src": torch.arange(sum(len(ex["images"]) for ex in exs)),  # which image; copies keep it
-    }
-
-
-def take(batch, idx):
-    """Sequences `idx` of a batch. pixel_values holds one row per image patch of all the batch's images,
-    concatenated (I3): cut it per image by image_grid_thw.prod(-1), then pick the chosen sequences' images."""
-    idx = torch.as_tensor(idx)
-    pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())  # one per image
-    images_of = torch.split(torch.arange(len(pixels)), batch["n_images"].tolist())  # each sequence's images
-    images = torch.cat([images_of[i] for i in idx.tolist()])  # (n,) the chosen sequences' images, in order
-    out = {k: v[idx] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw", "image_src")}
-    out["image_grid_thw"] = batch["image_grid_thw"][images]
-    out["image_src"] = batch["image_src"][images]
-    out["pixel_values"] = torch.cat([pixels[i] for i in images.tolist()])
-    return out
-
-
-def split(b, size):
-    """Micro-batches of `size` sequences (gradient accumulation)."""
-    n = len(b["completion"])
-    return [take(b, torch.arange(s, min(s + size, n))) for s in range(0, n, size)]
+def copies(prompt, n, device):
+    """n copies of one encoded prompt, on the device. pixel_values holds one row per image patch of all a
+    batch's images, concatenated, and image_grid_thw one row per image (I3): one prompt's rows repeat."""
+    return {k: v.repeat(n, 1).to(device) for k, v in prompt.items()}
 
 
 def data_order(n, needed, seed):
@@ -709,11 +685,15 @@ def sft(exs, args, run, record, progress):
         resume(run.model, opt, sched, None, args)
     for step in range(progress["step"] + 1 if progress else 1, steps + 1):
         t0 = time.time()
-        b = sft_batch(run.processor, [exs[i] for i in my_share(order, step, n, run.rank, run.world)], args)
-        n_tok = over_ranks({"n": b["mask"].sum().item()}, run.device)["n"]  # mean target tokens per rank
+        mine = [exs[i] for i in my_share(order, step, n, run.rank, run.world)]
+        micro = []  # micro-batches of up to --micro-batch examples
+        for s in range(0, len(mine), args.micro_batch):
+            micro.append(sft_batch(run.processor, mine[s : s + args.micro_batch], args))
+        n_tok = sum(mb["mask"].sum().item() for mb in micro)
+        n_tok = over_ranks({"n": n_tok}, run.device)["n"]  # mean target tokens per rank
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        for mb in split(b, args.micro_batch):  # / mean tokens per rank, then FSDP's mean = the token mean
+        for mb in micro:  # / mean tokens per rank, then FSDP's mean = the token mean
             with run.amp:
                 logp = token_logprobs(run.model, mb, 1.0, run.banned, run.device)
                 nll = -(logp * mb["mask"].to(run.device)).sum() / n_tok  # -1/N sum_t log p(y_t | x, y_<t)
@@ -736,9 +716,9 @@ def sft(exs, args, run, record, progress):
 def sft_batch(processor, exs, args):
     """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
     'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
-    b = encode(processor, exs, args)
-    tok = processor.tokenizer
     style = PROMPT[args.variant]
+    b = {"prompt": data.encode(processor, exs, style, args.max_pixels)}
+    tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|endoftext|>" if style == "base" else "<|im_end|>")
     ids = [tok(data.sft_target(ex, style), add_special_tokens=False)["input_ids"] + [end] for ex in exs]
     C = max(len(x) for x in ids)
@@ -777,9 +757,9 @@ def run_eval(exs, args, run, name):
     with gathered(run.model), run.amp:
         for s in range(0, len(mine), 16):
             chunk = mine[s : s + 16]
-            b = encode(run.processor, chunk, args)
+            b = data.encode(run.processor, chunk, PROMPT[args.variant], args.max_pixels)
             seqs = run.model.generate(
-                **{k: b[k].to(run.device) for k in MODEL_KEYS},
+                **copies(b, 1, run.device),
                 do_sample=False,
                 max_new_tokens=args.eval_max_new_tokens,
             )

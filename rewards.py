@@ -1,6 +1,7 @@
 """Rewards R1-R7: plain functions reward(text, ex, n_tokens=0) -> float of a completion, its data row `ex`
-(gold `answer`, lettered `choices`, `key_steps`) and its token count; G1 sums them. Model output is hostile:
-nothing here raises on any string, runs it as code (no eval, no sympy) or scans it worse than linearly."""
+(gold `answer`, lettered `choices`, `key_steps`) and its token count; the trainer sums them (G1). Model output
+is hostile: nothing here raises on any string, runs it as code (no eval, no sympy) or scans it worse than
+linearly."""
 
 import math
 import re
@@ -10,14 +11,14 @@ NUMBER_WORDS += "fifteen sixteen seventeen eighteen nineteen twenty".split()  # 
 UNIT = re.compile(  # a unit after a number: 30°, 30^\circ, 50%, 12 cm, 4\text{m}^2
     r"(\^\{?\\circ\}?|°|\\%|%|(\\text\{|\\mathrm\{)?(degrees?|units?|[ckm]?m|in|ft)\}?(\^\{?[23]\}?)?)$"
 )
-TOKEN = re.compile(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.")  # parse_number's, any other character one
+TOKEN = re.compile(r"\\frac|\\sqrt|\d+\.?\d*|\.\d+|[-+*/(){}]|.")  # parse_number's; any other character: one
 LETTER = re.compile(r"\(?([a-z])\)?[.:)]?")  # "a", "(a)", "a.", "a)"
 LETTER_ANSWER = re.compile(r"\(?([a-z])(?:\)?[.:)]?|[.:)]\s*(.{1,200}))")  # a LETTER or "(a) left", "a. left"
 FINAL = "### The final answer is:"  # P3's sections (R1-VL), "Let's think step by step" with a period or colon
 SECTION = re.compile(
     r"### (?:(Image Description|Rationales|Step (\d{1,6})|The final answer is):|Let's think step by step[.:])"
 )
-ALPHA = 0.1  # R4's weight of the share of key steps matched, R1-VL's alpha
+ALPHA = 0.1  # R4's alpha, the weight of the share of key steps matched (R1-VL's value)
 REFLECTION = re.compile(  # R7's words of self-reflection
     r"\b(?:wait|re-?check|re-?evaluate|reconsider|let me (?:check|verify|think again)|"
     r"on second thought|alternatively|double[- ]check)\b"
@@ -43,16 +44,15 @@ def normalize(s):
 
 
 def parse_number(s):
-    """A float from a number, a number word or simple math (+ - * / ( ) { } \\frac \\sqrt, a unit after it),
-    else None: a recursive descent over TOKENs; length-, so depth-capped."""
+    """A float from a number, a number word or simple math (+ - * / ( ) { } \\frac \\sqrt), else None."""
     s = s.strip()
     s = str(NUMBER_WORDS.index(s)) if s in NUMBER_WORDS else s
     spaced = re.search(r"[\d.]\s+[\d.]", s)  # whitespace between digits: "1 2" is not 12, nor "1 000" 1000
     s = re.sub(r"\\[dt]frac", r"\\frac", s.replace(" ", "")).replace("\\cdot", "*").replace("\\times", "*")
     s = UNIT.sub("", s)
-    if spaced or len(s) > 100:
+    if spaced or len(s) > 100:  # capped in length, so in recursion depth
         return None
-    toks = ["end"] + TOKEN.findall(s)[::-1]  # a stack, next token last, over an "end" that no rule takes
+    toks = ["end"] + TOKEN.findall(s)[::-1]  # a stack, next token last, on an "end" that no rule takes
 
     def expr():  # expr := term (('+'|'-') term)*
         v = term()
@@ -97,16 +97,15 @@ def answers_equal(pred, gold):
 
 
 def is_correct(pred, ex):
-    """R1's equality. With lettered choices (CV-Bench style) the letter or the option's text counts."""
+    """R1's equality. With lettered choices (CV-Bench style) the letter or the option's text counts, unless
+    there are more than 26 or the options are letters themselves (then their text alone counts)."""
     gold = ex.get("answer")
     if pred is None or gold is None:
         return False
     if answers_equal(pred, gold):
         return True
     choices = ex.get("choices") or []
-    if gold not in choices or len(choices) > 26:
-        return False
-    if any(LETTER.fullmatch(normalize(c)) for c in choices):  # options that are letters: their text alone
+    if gold not in choices or len(choices) > 26 or any(LETTER.fullmatch(normalize(c)) for c in choices):
         return False
     letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(gold)]
     m = LETTER_ANSWER.fullmatch(normalize(pred))  # the letter, and the option's text if it follows
@@ -145,8 +144,8 @@ def occurs(form, steps):
     return bool(f) and re.search(left + re.escape(f) + right, steps) is not None
 
 
-def step_accuracy(text, ex, n_tokens=0, alpha=ALPHA):
-    """R4 StepRAR: the answer's correctness plus alpha times the share of key steps found in the steps."""
+def step_accuracy(text, ex, n_tokens=0):
+    """R4 StepRAR: the answer's correctness plus ALPHA times the share of key steps found in the steps."""
     pred = step_answer(text)
     if pred is None:
         return 0.0
@@ -156,7 +155,7 @@ def step_accuracy(text, ex, n_tokens=0, alpha=ALPHA):
     keys = ex.get("key_steps") or []  # each key step a list of equivalent forms
     k = sum(any(occurs(f, steps) for f in forms) for forms in keys) / max(len(keys), 1)  # k = |v_match| / |v|
     # StepRAR (R1-VL, arXiv 2503.12937): r_auc = 1 + alpha*k (right answer), alpha*k (wrong), 0 (no answer)
-    return float(is_correct(pred, ex)) + alpha * k
+    return float(is_correct(pred, ex)) + ALPHA * k
 
 
 def step_validity(text, ex=None, n_tokens=0):

@@ -4,6 +4,7 @@ vision tokens (I5), loading from a saved folder."""
 import torch
 from conftest import tiny_run
 
+import data
 import grpo_vl as g
 import tiny as fixtures
 
@@ -12,19 +13,26 @@ def tiny_args(*flags):
     return g.parse_args([*fixtures.flags(), *flags])
 
 
+def encode(processor, exs, args):
+    """The prompts of `exs`, left-padded in one batch, as grpo_vl.py encodes them for the variant."""
+    return data.encode(processor, exs, g.PROMPT[args.variant], args.max_pixels)
+
+
 def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0):
+    """G completions of each prompt of `exs`, sampled as rollout() samples: G copies of the prompt batch,
+    so sequence i answers prompt i % len(exs), the layout token_logprobs scores."""
     model, processor, eos, banned = tiny
     args = tiny_args("--temperature", str(T), "--max-new-tokens", str(max_new))
-    b = g.take(g.encode(processor, exs, args), torch.arange(len(exs)).repeat_interleave(G))
+    prompt = encode(processor, exs, args)
     torch.manual_seed(seed)
     out = model.generate(  # as rollout() calls it: the plain-sampling settings are the model's (load_models)
-        **{k: b[k] for k in g.MODEL_KEYS},
+        **g.copies(prompt, G, torch.device("cpu")),
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
         output_scores=True,
         return_dict_in_generate=True,
     )
-    b["completion"] = out.sequences[:, b["input_ids"].shape[1] :]
+    b = {"prompt": prompt, "completion": out.sequences[:, prompt["input_ids"].shape[1] :]}
     b["mask"], b["truncated"] = g.completion_mask(b["completion"], eos)
     return b, torch.stack(out.scores, 1), args
 
@@ -32,7 +40,7 @@ def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0):
 def test_images_differ_in_size_and_prompts_are_left_padded(tiny, examples):
     _, processor, _, _ = tiny
     exs = [examples[1], examples[2], examples[3]]
-    b = g.encode(processor, exs, tiny_args())
+    b = encode(processor, exs, tiny_args())
     assert len({tuple(t) for t in b["image_grid_thw"].tolist()}) > 1, "the test needs different image sizes"
     assert (b["attention_mask"][:, -1] == 1).all() and (b["attention_mask"][:, 0] == 0).any()  # left padding
     # I4: per sample, image tokens = grid.prod() / merge^2
@@ -63,29 +71,33 @@ def test_i5_vision_tokens_are_never_sampled(tiny, examples):
     assert not torch.isin(b["completion"], torch.tensor(banned)).any()
 
 
-def test_i3_take_slices_pixel_values_per_sample(tiny, examples):
-    """Expanding 3 prompts (different image sizes) to groups and picking sequences out of the batch gives
-    exactly what encoding those prompts on their own gives; and their log-probs agree."""
+def test_i3_copies_keep_each_sequence_with_its_own_image_rows(tiny, examples):
+    """Copies of a batch of 3 prompts (different image sizes) give sequence i exactly the prompt tokens and
+    image rows (in the order the model reads them) of prompt i % 3 encoded on its own; and scoring the
+    batch equals scoring each sequence alone (padding and image rows handled)."""
     model, processor, _, banned = tiny
     args = tiny_args()
     exs = [examples[1], examples[2], examples[3]]
-    full = g.take(g.encode(processor, exs, args), torch.arange(3).repeat_interleave(2))  # (6, L)
-    for i in range(3):
-        alone = g.encode(processor, [exs[i]], args)
-        for row in (2 * i, 2 * i + 1):
-            one = g.take(full, [row])
-            assert torch.equal(one["pixel_values"], alone["pixel_values"])
-            assert torch.equal(one["image_grid_thw"], alone["image_grid_thw"])
-    # .repeat (the peers' bug) would put prompt 1's image under sequence 1: check we don't
-    assert torch.equal(g.take(full, [1])["pixel_values"], g.take(full, [0])["pixel_values"])
-    # scoring a sub-batch = scoring each sequence alone (padding and image rows handled)
+    alone = [encode(processor, [ex], args) for ex in exs]
+    assert len({a["pixel_values"].shape for a in alone}) > 1, "the test needs different image sizes"
+    two = g.copies(encode(processor, exs, args), 2, torch.device("cpu"))  # (6, L)
+    pixels = two["pixel_values"].split(two["image_grid_thw"].prod(-1).tolist())  # one block per image
+    assert len(pixels) == 6  # one image per sequence
+    for i in range(6):
+        own = alone[i % 3]
+        assert two["input_ids"][i][two["attention_mask"][i].bool()].tolist() == own["input_ids"][0].tolist()
+        assert torch.equal(pixels[i], own["pixel_values"]), i
+        assert torch.equal(two["image_grid_thw"][i : i + 1], own["image_grid_thw"]), i
     b, _, _ = rollout_batch(tiny, exs, G=2)
     with torch.no_grad():
         together = g.token_logprobs(model, b, 0.7, banned, torch.device("cpu"))
         for row in (1, 4):
-            one = g.take(b, [row])
+            one = {"prompt": alone[row % 3], "completion": b["completion"][row : row + 1]}
+            one["mask"] = b["mask"][row : row + 1]
+            m = one["mask"][0].bool()
+            assert m.sum() > 0
             assert torch.allclose(
-                g.token_logprobs(model, one, 0.7, banned, torch.device("cpu"))[0][one["mask"][0].bool()],
+                g.token_logprobs(model, one, 0.7, banned, torch.device("cpu"))[0][m],
                 together[row][b["mask"][row].bool()],
                 atol=2e-4,
             )

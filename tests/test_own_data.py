@@ -54,16 +54,22 @@ def bad_inputs(tmp_path):
     (tmp_path / "garbage.parquet").write_bytes(b"not a parquet file at all")
     other = str(tmp_path / "other.jsonl")
     (tmp_path / "other.jsonl").write_text(json.dumps({"picture": "img/red.png", "text": "hi"}) + "\n")
+    chat = str(tmp_path / "chat.jsonl")
+    turns = [{"role": "user", "content": "<image>Which colour?"}, {"role": "assistant", "content": "red"}]
+    chat_rows = [{"image": "img/red.png", "messages": turns}] * 2 + [
+        {"image": "img/red.png", "messages": turns[:1]}
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
     missing = str(tmp_path / "nope.jsonl")
     return [
         (["--data", missing], [f"data set {missing!r}", "no such file"]),
         (["--data", "no/such/folder"], ["data set 'no/such/folder'", "no such file"]),
         (["--data", broken], [f"data set {broken!r}", "line 3", "not valid JSON", "Expecting property name"]),
         (["--data", listed], [f"data set {listed!r}", "line 3", "not valid JSON", "Expecting value"]),
-        (["--data", binary], [f"data set {binary!r}", "UTF-8", "byte 0"]),
-        (["--data", garbage], [f"data set {garbage!r}", "cannot load"]),
-        (["--data", "nobody/no-such-set"], ["data set 'nobody/no-such-set'", "cannot load"]),
-        (["--data", other], [f"data set {other!r}", "['picture', 'text']", "no known schema", "expected"]),
+        (["--data", binary], [f"data set {binary!r}", "utf-8", "decode"]),
+        (["--data", garbage], [f"data set {garbage!r}", "parquet"]),
+        (["--data", "nobody/no-such-set"], ["data set 'nobody/no-such-set': "]),  # offline, or not on the hub
+        (["--data", other], [f"data set {other!r}", "['picture', 'text']", "no known schema"]),
         (
             ["--data", good, "--sft-data", missing, "--sft-epochs", "1"],
             [f"data set {missing!r}", "no such file"],
@@ -73,18 +79,18 @@ def bad_inputs(tmp_path):
             [f"data set {missing!r}", "no such file"],
         ),
         (["--eval", "--eval-data", broken], [f"data set {broken!r}", "line 3", "not valid JSON"]),
-        (  # rows 0, 1, 3 have nothing to learn from
-            ["--data", good, "--sft-data", good, "--sft-epochs", "1"],
-            [f"data set {good!r}, row 0, column 'solution': ", "solution", "assistant"],
+        (  # its third row has no reply to learn from
+            ["--data", good, "--sft-data", chat, "--sft-epochs", "1"],
+            [f"data set {chat!r}, row 2, column 'messages': ", "assistant"],
         ),
     ]
 
 
 def in_order(text, parts):
-    """Each of `parts` in `text`, each after the one before."""
+    """Each of `parts` in `text`, each after the one before, whatever their case."""
     at = 0
     for part in parts:
-        at = text.find(part, at)
+        at = text.lower().find(part.lower(), at)
         if at < 0:
             return False
         at += len(part)
@@ -180,17 +186,17 @@ def test_rows_of_the_wrong_shape_are_bad_rows_named_by_column(tmp_path):
     write_plain(tmp_path)
     img = {"image": "img/red.png", "question": "q"}
     cases = [  # (row, its column named, key words of the reason: data.py words the rest)
-        ({**img, "answer": "B", "choices": "red, blue"}, "choices", ["not valid JSON"]),
-        ({**img, "answer": "x", "choices": [str(j) for j in range(27)]}, "choices", ["list", "26"]),
-        ({**img, "answer": "1", "key_steps": [["a"]]}, "key_steps", ['{"Steps"']),
-        ({**img, "answer": "1", "key_steps": "{not json"}, "key_steps", ["not valid JSON"]),
+        ({**img, "answer": "B", "choices": "red, blue"}, "choices", ["JSON"]),
+        ({**img, "answer": "x", "choices": [str(j) for j in range(27)]}, "choices", ["26"]),
+        ({**img, "answer": "1", "key_steps": [["a"]]}, "key_steps", ["list"]),  # not {"Steps": [...]}
+        ({**img, "answer": "1", "key_steps": "{not json"}, "key_steps", ["JSON"]),
         ({"image": 5, "question": "q", "answer": "1"}, "image", ["not a path", "int"]),
-        ({"images": [None], "question": "q", "answer": "1"}, "image", ["not a path"]),
-        ({**img, "solution": 5}, "row", ["wrong type", "TypeError"]),
+        ({"images": [None], "question": "q", "answer": "1"}, "images", ["not a path"]),
+        ({**img, "solution": 5}, "solution", ["int"]),
         (
             {"image_bytes": ["x"], "question": "q", "answers": ["a", "b"], "correct_answer": "zzz"},
             "correct_answer",
-            ["not one of the answers", "zzz"],
+            ["zzz", "not one of the answers"],
         ),
     ]
     for j, (row, column, words) in enumerate(cases):

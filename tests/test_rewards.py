@@ -211,7 +211,3 @@ def test_r6_any_whitespace_around_and_between_the_blocks_only():
     ex = {"answer": "2"}
     assert R.hard_format("\u2003<think>a</think>\n\u00a0<answer>2</answer>\t", ex) == 1.0
     assert R.hard_format("<think>a</think>\u00a0.<answer>2</answer>", ex) == 0.0
-
-
-def test_r4_alpha_is_the_papers():
-    assert R.ALPHA == 0.1

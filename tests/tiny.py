@@ -90,7 +90,7 @@ def build(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
 
 
 def write(folder, seed=0, **kwargs):
-    """build(seed, **kwargs) saved as a model folder. Written once: a folder with a config is left as it is."""
+    """build(seed, **kwargs) saved as a model folder, once: a folder with a config is left as it is."""
     if not os.path.exists(os.path.join(folder, "config.json")):
         model, processor = build(seed, **kwargs)
         tmp = f"{folder}.{os.getpid()}.tmp"
