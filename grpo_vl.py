@@ -32,6 +32,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from statistics import fmean
 from types import SimpleNamespace
@@ -47,6 +48,9 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 import rewards as R
+
+# one process saves and loads its checkpoint with torch.distributed.checkpoint too, as it should
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
 
 
 # ================================================================================ 1. flags and recipes
@@ -94,9 +98,7 @@ class Args:
     eval_every: int = flag(0, "evaluate on --eval-data at the start of RL, every N steps and at the end")
     eval: bool = flag(False, "only evaluate --model on --eval-data (greedy), write OUT/eval.json")
     eval_max_new_tokens: int = flag(1024, "cap on a completion's length during evaluation")
-    log_completions_every: int = flag(
-        10, "write completions and rewards to OUT/trajectories/ every N steps; 0 = never"
-    )
+    log_completions_every: int = flag(10, "write completions and rewards to OUT/trajectories/ every N steps")
     resume: bool = flag(False, "continue from OUT/checkpoint: weights, optimizer, schedule, phase, step")
     skip_bad_rows: bool = flag(False, "skip unusable data rows (counted by reason) instead of stopping")
 
@@ -116,7 +118,6 @@ VARIANTS = {
         max_pixels=400000,
         prompts_per_step=4,  # the paper's batch size 4
         data="",
-        max_rows=0,
         sft_epochs=2,
         sft_lr=1e-5,  # the paper's, for 2B (5e-6 for 7B); the released config used 2e-5
         sft_batch=128,
@@ -126,7 +127,6 @@ VARIANTS = {
         rewards="hard_format",
         ptst="4096:16:100,8192:8:100",  # 100 steps per stage is our default, not a published number
         data="",
-        max_rows=0,
         sft_epochs=2,
         sft_lr=5e-6,
         sft_warmup=0.05,
@@ -812,8 +812,7 @@ def save_checkpoint(run, opt, sched, args, phase, step):
         run.processor.save_pretrained(tmp)
         progress = {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)}
         json.dump(progress, open(os.path.join(tmp, "progress.json"), "w"), indent=1)
-    state_path = os.path.join(tmp, "train_state")
-    dcp.save(train_state(run.model, opt, run.ref), checkpoint_id=state_path, no_dist=run.world == 1)
+    dcp.save(train_state(run.model, opt, run.ref), checkpoint_id=os.path.join(tmp, "train_state"))
     barrier()
     if run.rank == 0:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # a run repeated in the same --out
@@ -844,8 +843,7 @@ def resume(model, opt, sched, ref, args):
     state = train_state(model, opt, ref)
     # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
     planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
-    state_path = os.path.join(path, "train_state")
-    dcp.load(state, checkpoint_id=state_path, planner=planner, no_dist=not dist.is_initialized())
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), planner=planner)
     dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ref is not None:
         dsd.set_model_state_dict(ref, state["ref"])

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import data
 import grpo_vl as g
 import learning
 import rewards as R
@@ -158,7 +159,7 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
         return rollouts[-1][1]
 
     def recording_logprobs(model, b, *rest):
-        scored.append({k: b[k] for k in (*g.MODEL_KEYS, "n_images", "image_src", "completion", "idx")})
+        scored.append({k: b[k] for k in ("prompt", "completion", "idx")})
         return real_logprobs(model, b, *rest)
 
     def row_reward(text, ex, n_tokens=0):  # depends on the data row only
@@ -179,7 +180,7 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
     ((exs, batches),) = rollouts  # one rollout for the rank's 3 prompts: one batch (one generate()) each
     assert [b["idx"].tolist() for b in batches] == [list(range(k * G, (k + 1) * G)) for k in range(3)]
     args = g.parse_args(fixtures.flags())
-    alone = [g.encode(processor, [ex], args) for ex in exs]
+    alone = [data.encode(processor, [ex], g.PROMPT[args.variant], args.max_pixels) for ex in exs]
     assert len({ex["row"] for ex in exs}) == 3 and len({a["pixel_values"].shape for a in alone}) > 1
     completions = [b["completion"][i : i + 1] for b in batches for i in range(G)]  # completion j
     texts = [
@@ -187,10 +188,13 @@ def test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt
     ]
 
     def assert_own_prompt(batch, i, j):  # sequence i of `batch` is completion j under prompt j // G
-        seq, own = g.take(batch, [i]), alone[j // G]
-        assert seq["input_ids"][seq["attention_mask"].bool()].tolist() == own["input_ids"][0].tolist(), (i, j)
-        assert torch.equal(seq["pixel_values"], own["pixel_values"]), (i, j)
-        assert torch.equal(seq["completion"], completions[j]) and seq["idx"].tolist() == [j], (i, j)
+        prompt, own = batch["prompt"], alone[j // G]
+        tokens = prompt["input_ids"][prompt["attention_mask"].bool()].tolist()
+        assert len(prompt["input_ids"]) == 1, (i, j)  # one prompt, copied for each of its completions
+        assert tokens == own["input_ids"][0].tolist(), (i, j)
+        assert torch.equal(prompt["pixel_values"], own["pixel_values"]), (i, j)
+        assert torch.equal(batch["completion"][i : i + 1], completions[j]), (i, j)
+        assert batch["idx"][i].item() == j, (i, j)  # the advantage it gets: A[j]
 
     for j in range(3 * G):  # generated from
         assert_own_prompt(batches[j // G], j % G, j)
