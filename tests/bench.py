@@ -1,18 +1,29 @@
 """./run.sh bench: where the time of a GRPO step goes, on CPU, for the tiny model and a small one.
 
-For each model and 1 or 2 processes it runs a few real steps of grpo_vl.py (G = 8, 64 new tokens) and reads
-metrics.jsonl: seconds per step split into rollout, reward, reference/old log-probs and update; generated
-tokens per second; peak memory (max RSS). It then times the floor on the same shapes with bare transformers
--- one generate(), one forward+backward, one no-grad forward (the reference, beta > 0) -- and prints the
-overhead ratio = step time / floor. Figures go to bench.json. Not a test: it asserts nothing.
+    python tests/bench.py [--quick] [--json PATH]   # prints a table, writes PATH (default: bench.json)
 
-The vision-heavy model runs in one process with vision sharing at odd steps and --no-vision-sharing at even
-ones (both under the same load of this shared machine): the speed-up of the step and of its reference/old
-+ update part is `vision_sharing_speedup` in bench.json.
+For each model and 1 or 2 processes it runs a few real steps of grpo_vl.py (G = 8, 4 prompts, 64 new tokens,
+the tiny fixtures' settings: no gradient checkpointing) on a model folder written by tests/tiny.py and the
+synthetic data of tests/shapes.py, and reads metrics.jsonl: seconds per step split into rollout, reward,
+reference/old log-probs and update; generated tokens per second; peak memory (max RSS of rank 0). It then
+times the floor on the same shapes with bare transformers -- per prompt, as grpo_vl.py batches: one
+generate() of its G completions, one forward+backward, one no-grad forward (the reference, beta > 0) -- and
+prints the overhead ratio = step time / floor. Figures go to bench.json. Not a test: it asserts nothing.
+
+The vision-heavy model runs in one process with vision sharing at odd steps and without it at even ones
+(grpo_vl.shared_vision replaced by a context manager that does nothing), both under the same load of this
+shared machine: the speed-up of the step and of its reference/old + update part is `vision_sharing_speedup`
+in bench.json.
+
+--quick runs every configuration with the fewest steps that still take every path (1 warm-up step + 1
+timed step, 2 of each kind for the vision-heavy run; 2 prompts, G = 2, 8 new tokens): the same table in
+about a minute, so tests/test_bench.py can keep this script working. Its figures mean nothing.
 """
 
-import functools
+import contextlib
+import hashlib
 import json
+import math
 import os
 import resource
 import subprocess
@@ -22,11 +33,14 @@ import threading
 import time
 
 import torch
+import transformers as tf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
 import data  # noqa: E402
 import grpo_vl as g  # noqa: E402
+import tiny  # noqa: E402
 
 # "vision": small's language model under a vision tower that costs as much per image as the language model
 # per sequence, as on Qwen2-VL-2B (README: 3.3 TFLOP per image against 3.9 per 1,300-token sequence).
@@ -42,26 +56,61 @@ MODELS = {
     "small": dict(hidden=256, layers=4),
     "vision": dict(hidden=256, layers=4, tower=dict(depth=11, embed_dim=256, num_heads=4, mlp_ratio=4)),
 }
-STEPS, P, G, NEW = 6, 4, 8, 64
-ALTERNATE_STEPS = 8  # the vision-heavy run: 2 warm-up steps, then 3 shared and 3 plain ones in turn
+# The configurations, in the table's order: (model, processes); the vision-heavy one alternates sharing.
+RUNS = {
+    "tiny x1": ("tiny", 1),
+    "tiny x2": ("tiny", 2),
+    "small x1": ("small", 1),
+    "small x2": ("small", 2),
+    "vision x1": ("vision", 1),
+    "vision x1 no sharing": ("vision", 1),
+}
+# steps: RL steps of a plain run, the first a warm-up; alternate_steps: the vision-heavy run's (2 warm-up
+# steps, one of each kind, then shared and plain in turn); P prompts per step, G completions each, NEW new
+# tokens at most; floor_repeats: the floor is the best of these; scoring_C: completion lengths whose scoring
+# memory is measured.
+FULL = dict(steps=6, alternate_steps=8, P=4, G=8, NEW=64, floor_repeats=3, scoring_C=[128, 512])
+QUICK = dict(steps=2, alternate_steps=4, P=2, G=2, NEW=8, floor_repeats=1, scoring_C=[32])
+COLS = [
+    "step",
+    "rollout",
+    "reward",
+    "ref_old",
+    "update",
+    "tokens_per_s",
+    "peak_rss_mb",
+    "floor",
+    "overhead_ratio",
+    "tower_images_per_step",
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def flags(out):
+def model_folder(name):
+    """The model folder of `name` (tests/tiny.py writes it once; its sizes are in its name)."""
+    if name == "tiny":
+        return tiny.model_dir()  # the tests' cached tiny model: MODELS["tiny"] is tiny.build's default
+    sizes = hashlib.sha256(json.dumps(MODELS[name], sort_keys=True).encode()).hexdigest()[:8]
+    return tiny.write(os.path.join(tiny.CACHE, f"bench-{name}-{sizes}"), 0, **MODELS[name])
+
+
+def flags(name, cfg, steps, out):
     return [
         "--model",
-        "tiny",
+        model_folder(name),
         "--data",
-        "synthetic:64",
+        tiny.data_file(64),
         "--max-steps",
-        str(STEPS),
+        str(steps),
         "--prompts-per-step",
-        str(P),
+        str(cfg["P"]),
         "--num-generations",
-        str(G),
+        str(cfg["G"]),
         "--max-new-tokens",
-        str(NEW),
+        str(cfg["NEW"]),
         "--micro-batch",
-        str(P * G),
+        str(cfg["G"]),  # a prompt's G completions in one forward (grpo_vl never mixes two prompts)
+        "--no-gradient-checkpointing",  # as tiny.flags() and the old `--model tiny`
         "--log-completions-every",
         "0",
         "--out",
@@ -69,61 +118,67 @@ def flags(out):
     ]
 
 
-def worker(name, out, alternate=""):
+def no_sharing(n, *models):
+    """grpo_vl.shared_vision turned off: every copy of a prompt's image goes through the vision tower."""
+    return contextlib.nullcontext()
+
+
+def worker(name, out, cfg, alternate):
     """One run of grpo_vl.main on `name`'s model (inside torchrun for 2 processes); prints its peak RSS and
-    the images its vision tower encoded at each step (policy and reference, counted by a forward hook).
-    alternate: vision sharing at odd steps, --no-vision-sharing at even ones, so that both see the same
-    load of this shared machine."""
+    the images its vision towers (policy and reference, counted by a forward hook) encoded at each step.
+    alternate: vision sharing at odd steps, none at even ones, so that both see the same load of this
+    shared machine."""
     images = []  # per step
-    build = functools.partial(g.build_tiny, **MODELS[name])
-    rollout = g.rollout
+    load_models, rollout, shared_vision = g.load_models, g.rollout, g.shared_vision
 
     def count(module, args, kwargs, output):
-        images[-1] += len(kwargs["grid_thw"])
+        if images:
+            images[-1] += len(kwargs["grid_thw"])
 
-    def build_and_count(*a, **k):  # the reference model is a deep copy: it inherits the hook
-        model, processor = build(*a, **k)
-        model.model.visual.register_forward_hook(count, with_kwargs=True)
-        return model, processor
+    def load_and_count(*a, **k):  # the reference is a deep copy made inside: hooked here too
+        run = load_models(*a, **k)
+        for m in (run.model, run.ref):
+            if m is not None:
+                m.model.visual.register_forward_hook(count, with_kwargs=True)
+        return run
 
-    def rollout_and_alternate(model, processor, exs, args, *rest, **kw):  # each step starts here
+    def rollout_and_alternate(*a, **k):  # each step starts here; grpo_step looks shared_vision up by name
         images.append(0)
-        args.vision_sharing = not (bool(alternate) and len(images) % 2 == 0)
-        return rollout(model, processor, exs, args, *rest, **kw)
+        g.shared_vision = no_sharing if alternate and len(images) % 2 == 0 else shared_vision
+        return rollout(*a, **k)
 
-    g.build_tiny = build_and_count
+    g.load_models = load_and_count
     g.rollout = rollout_and_alternate
-    g.main(flags(out) + (["--max-steps", str(ALTERNATE_STEPS)] if alternate else []))
+    g.main(flags(name, cfg, cfg["alternate_steps"] if alternate else cfg["steps"], out))
     if int(os.environ.get("RANK", 0)) == 0:
         print("MAXRSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print("TOWER_IMAGES", json.dumps(images))
 
 
-def run(name, procs, alternate=False):
+def run(name, procs, cfg, alternate=False):
     """Means over the steps after the first (it warms up); alternate: (shared steps 3, 5, ...; plain
     steps 4, 6, ...), step 2 warming the plain path up."""
-    out = tempfile.mkdtemp(prefix=f"bench-{name}-{procs}-")
     launcher = [sys.executable] + (
-        ["-m", "torch.distributed.run", f"--nproc_per_node={procs}"] if procs > 1 else []
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
     )
-    p = subprocess.run(
-        launcher + [__file__, "--worker", name, out] + (["alternate"] if alternate else []),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(2 // procs)},
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    rss = float(p.stdout.split("MAXRSS_MB")[1].split()[0])
-    images = json.loads(p.stdout.split("TOWER_IMAGES")[1].splitlines()[0])
-    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-{procs}-") as out:
+        cmd = launcher + [__file__, "--worker", name, out, json.dumps(cfg), "alternate" if alternate else ""]
+        env = {**ENV, "OMP_NUM_THREADS": str(2 // procs)}
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise SystemExit(f"bench: {name} x{procs} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+        rss = float(p.stdout.split("MAXRSS_MB")[1].split()[0])
+        images = json.loads(p.stdout.split("TOWER_IMAGES")[1].splitlines()[0])
+        rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    rows = [r for r in rows if r["phase"] == "rl"]
     if alternate:
-        return summary(rows[2::2], images[2::2], rss), summary(rows[3::2], images[3::2], rss)
-    return summary(rows[1:], images[1:], rss)
+        return summary(rows[2::2], images[2::2], rss, cfg), summary(rows[3::2], images[3::2], rss, cfg)
+    return summary(rows[1:], images[1:], rss, cfg)
 
 
-def summary(rows, images, rss):
+def summary(rows, images, rss, cfg):
     """Means over the timed steps' metrics.jsonl rows, with the peak RSS and the tower's images per step."""
+    assert rows and len(rows) == len(images), (len(rows), len(images))
     keys = ("step_time", "time/rollout", "time/reward", "time/ref_old", "time/update", "completion_len")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {
@@ -133,7 +188,7 @@ def summary(rows, images, rss):
         "ref_old": mean["time/ref_old"],
         "update": mean["time/update"],
         "peak_rss_mb": rss,
-        "tokens_per_s": mean["completion_len"] * P * G / mean["time/rollout"],
+        "tokens_per_s": mean["completion_len"] * cfg["P"] * cfg["G"] / mean["time/rollout"],
         "completion_len": mean["completion_len"],
         "tower_images_per_step": sum(images) / len(images),
         "steps_timed": len(rows),
@@ -144,66 +199,83 @@ def weights(*modules):
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
+def load_bare(name):
+    """`name`'s model folder loaded by bare transformers, and the sampling settings grpo_vl's rollout uses
+    (load_models puts them in the generation config: plain sampling at T = 1, vision tokens banned)."""
+    folder = model_folder(name)
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    tok = processor.tokenizer
+    sampling = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.pad_token_id)
+    sampling.update(
+        eos_token_id=tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]),
+        suppress_tokens=tok.convert_tokens_to_ids(g.VISION_TOKENS),
+    )
+    return model, processor, sampling
+
+
+def encode(processor, exs):
+    """Prompts as grpo_vl encodes them for the default recipe (r1zero: the base model's prompt P1)."""
+    return data.encode(processor, exs, g.PROMPT[g.Args.variant], g.Args.max_pixels)
+
+
 def flops(name):
-    """Forward FLOPs at 2 per weight per token, in G: (the tower per image, the language model per sequence)."""
-    model, processor = g.build_tiny(0, **MODELS[name])
-    b = g.encode(processor, data.load_examples("synthetic:64", "train"), g.parse_args(["--model", "tiny"]))
+    """Forward FLOPs at 2 per weight per token, in G: (the tower per image, the language model per sequence),
+    on the bench's data and completion cap (FULL's, whatever this run's)."""
+    model, processor, _ = load_bare(name)
+    b = encode(processor, data.load_examples(tiny.data_file(64), "train"))
     patches = b["image_grid_thw"].prod(-1).float().mean().item()  # per image, before the 2 x 2 merge
-    tokens = b["attention_mask"].sum(1).float().mean().item() + NEW  # prompt + completion
+    tokens = b["attention_mask"].sum(1).float().mean().item() + FULL["NEW"]  # prompt + completion
     v = model.model.visual
     tower = 2 * patches * (weights(v.patch_embed, v.blocks) + weights(v.merger) / 4)
-    lm = 2 * tokens * weights(model.model.language_model.layers) + 2 * (NEW + 1) * weights(model.lm_head)
+    lm = 2 * tokens * weights(model.model.language_model.layers) + 2 * (FULL["NEW"] + 1) * weights(model.lm_head)
     return tower / 1e9, lm / 1e9
 
 
-def floor(name):
-    """Bare transformers on the same shapes: generate, forward+backward, no-grad forward (seconds)."""
+def floor(name, cfg):
+    """Bare transformers on the same shapes, summed over the step's P prompts (grpo_vl batches one prompt's G
+    completions at a time): generate, forward+backward, no-grad forward (seconds, best of floor_repeats)."""
     torch.set_num_threads(2)
-    model, processor = g.build_tiny(0, **MODELS[name])
-    args = g.parse_args(["--model", "tiny", "--max-new-tokens", str(NEW)])
-    b = g.take(
-        g.encode(processor, data.load_examples("synthetic:8", "train")[:P], args),
-        torch.arange(P).repeat_interleave(G),
-    )
-    inputs = {k: b[k] for k in g.MODEL_KEYS}
-    times = {"generate": [], "fwd_bwd": [], "fwd": []}
-    for _ in range(3):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            seqs = model.generate(
-                **inputs, **g.sampling(args, processor.tokenizer.convert_tokens_to_ids(g.VISION_TOKENS))
-            )
-        t1 = time.perf_counter()
-        full = {
-            **inputs,
-            "input_ids": seqs,
-            "attention_mask": torch.ones_like(seqs),
-            "mm_token_type_ids": torch.cat(
-                [b["mm_token_type_ids"], torch.zeros_like(seqs[:, b["input_ids"].shape[1] :])], 1
-            ),
-        }
-        model(**full, logits_to_keep=seqs.shape[1] - b["input_ids"].shape[1] + 1).logits.float().logsumexp(
-            -1
-        ).mean().backward()
-        t2 = time.perf_counter()
-        with torch.no_grad():
-            model(**full, logits_to_keep=seqs.shape[1] - b["input_ids"].shape[1] + 1)
-        t3 = time.perf_counter()
-        for k, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-            times[k].append(t)
-    return {k: min(v) for k, v in times.items()}  # best of 3: the floor
+    model, processor, sampling = load_bare(name)
+    exs = data.load_examples(tiny.data_file(64), "train")[: cfg["P"]]
+    prompts = [g.copies(encode(processor, [ex]), cfg["G"], torch.device("cpu")) for ex in exs]
+    best = {"generate": math.inf, "fwd_bwd": math.inf, "fwd": math.inf}
+    for _ in range(cfg["floor_repeats"]):
+        times = dict.fromkeys(best, 0.0)
+        for inputs in prompts:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                seqs = model.generate(**inputs, **sampling, max_new_tokens=cfg["NEW"])
+            t1 = time.perf_counter()
+            C = seqs.shape[1] - inputs["input_ids"].shape[1]
+            full = {
+                **inputs,
+                "input_ids": seqs,
+                "attention_mask": torch.ones_like(seqs),
+                "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(seqs[:, -C:])], 1),
+            }
+            model(**full, logits_to_keep=C + 1).logits.float().logsumexp(-1).mean().backward()
+            t2 = time.perf_counter()
+            with torch.no_grad():
+                model(**full, logits_to_keep=C + 1)
+            t3 = time.perf_counter()
+            for k, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[k] += t
+        best = {k: min(best[k], times[k]) for k in best}
+    return best
 
 
 def full_vocab_logprobs(model, b, T, banned):
     """How token_logprobs computed log-probs before it worked in chunks: (N, C, V) fp32 logits at once."""
-    C = b["completion"].shape[1]
+    N, C = b["completion"].shape
+    prompt = g.copies(b["prompt"], N, torch.device("cpu"))
     logits = (
         model(
-            input_ids=torch.cat([b["input_ids"], b["completion"]], 1),
-            attention_mask=torch.cat([b["attention_mask"], b["mask"].long()], 1),
-            mm_token_type_ids=torch.cat([b["mm_token_type_ids"], torch.zeros_like(b["completion"])], 1),
-            pixel_values=b["pixel_values"],
-            image_grid_thw=b["image_grid_thw"],
+            input_ids=torch.cat([prompt["input_ids"], b["completion"]], 1),
+            attention_mask=torch.cat([prompt["attention_mask"], b["mask"].long()], 1),
+            mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(b["completion"])], 1),
+            pixel_values=prompt["pixel_values"],
+            image_grid_thw=prompt["image_grid_thw"],
             logits_to_keep=C + 1,
         )
         .logits[:, :-1]
@@ -220,17 +292,15 @@ def rss_mb():
 
 def scoring_memory(how, C, N=4):
     """Peak host memory (MB, above what was in use before) of one scoring forward + backward of N completions
-    of C tokens on the tiny model given the real vocabulary (151,936), the old way or the chunked way."""
+    of C tokens of one prompt on the tiny model given the real vocabulary (151,936), the old way or the
+    chunked way."""
     torch.set_num_threads(2)
-    model, processor = g.build_tiny(0)
-    model.resize_token_embeddings(
-        151_936, mean_resizing=False
-    )  # the real vocabulary; the rest of the model stays tiny
-    args = g.parse_args(["--model", "tiny"])
+    model, processor = tiny.build(0)
+    model.resize_token_embeddings(151_936, mean_resizing=False)  # the real vocabulary; the rest stays tiny
     banned = processor.tokenizer.convert_tokens_to_ids(g.VISION_TOKENS)
-    exs = data.load_examples("synthetic:8", "train")[:N]
-    b = g.encode(processor, exs, args)
-    b["completion"] = torch.randint(len(g.SPECIAL), 500, (N, C))  # ordinary tokens (special ones come first)
+    exs = data.load_examples(tiny.data_file(64), "train")[:1]
+    b = {"prompt": encode(processor, exs)}
+    b["completion"] = torch.randint(len(tiny.SPECIAL), 500, (N, C))  # ordinary tokens (special ones first)
     b["mask"] = torch.ones(N, C)
     samples, done = [], threading.Event()
 
@@ -254,55 +324,71 @@ def scoring_memory(how, C, N=4):
     print("PEAK_MB", max(samples) - before)
 
 
-def measure_scoring_memory():
+def measure_scoring_memory(cfg):
     """Each way in a fresh process, so neither inherits the other's freed-but-kept memory."""
     peaks = {}
-    for C in (128, 512):
+    for C in cfg["scoring_C"]:
         for how in ("full", "chunked"):
             cmd = [sys.executable, __file__, "--scoring-memory", how, str(C)]
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            assert p.returncode == 0, p.stderr[-3000:]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV)
+            if p.returncode != 0:
+                raise SystemExit(f"bench: scoring memory ({how}, C = {C}) failed:\n{p.stderr[-4000:]}")
             peaks[f"{how} 4x{C}"] = float(p.stdout.split("PEAK_MB")[1].split()[0])
     return peaks
 
 
-def main():
-    peaks = measure_scoring_memory()
+def cell(value, width):
+    """A table cell: 4 significant digits (a reward time of 0.0004 s is not printed as 0.000), '-' if absent."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:>{width}.4g}"
+    return f"{'-':>{width}}"
+
+
+def table(runs, cfg):
+    """The table as printed: a title, a header, one line per configuration."""
+    width = [max(10, len(c) + 2) for c in COLS]
+    lines = [
+        f"GRPO step on CPU, G = {cfg['G']}, {cfg['P']} prompts, {cfg['NEW']} new tokens (seconds unless named)",
+        f"{'run':<22}" + "".join(f"{c:>{w}}" for c, w in zip(COLS, width)),
+    ]
+    for run_name, r in runs.items():
+        lines.append(f"{run_name:<22}" + "".join(cell(r.get(c), w) for c, w in zip(COLS, width)))
+    return "\n".join(lines)
+
+
+def main(argv):
+    quick = "--quick" in argv
+    path = argv[argv.index("--json") + 1] if "--json" in argv else os.path.join(ROOT, "bench.json")
+    cfg = QUICK if quick else FULL
+    started = time.time()
+    for name in MODELS:  # written once, here: not raced for by two ranks
+        model_folder(name)
+    tiny.data_file(64)
+    results = {"settings": {**cfg, "quick": quick}, "load_average_start": os.getloadavg()}
+    peaks = measure_scoring_memory(cfg)
     print("scoring forward + backward at vocabulary 151,936, peak MB above start (4 completions x C tokens):")
-    for C in (128, 512):
+    for C in cfg["scoring_C"]:
         full, chunked = peaks[f"full 4x{C}"], peaks[f"chunked 4x{C}"]
         print(
             f"  C = {C}: (N, C, V) fp32 logits at once {full:.0f}, in {g.LOGPROB_CHUNK}-token chunks {chunked:.0f}"
         )
-    results = {"scoring_peak_mb": peaks}
+    results["scoring_peak_mb"] = peaks
+    runs = {}
     for name in MODELS:
-        base = floor(name)  # bare transformers: every copy of an image through the tower
+        base = floor(name, cfg)  # bare transformers: every copy of an image through the tower
         if name == "vision":  # one process, sharing and not in alternate steps
-            runs = dict(zip(["vision x1", "vision x1 no sharing"], run(name, 1, alternate=True)))
+            mine = dict(zip(["vision x1", "vision x1 no sharing"], run(name, 1, cfg, alternate=True)))
         else:
-            runs = {f"{name} x{procs}": run(name, procs) for procs in (1, 2)}
-        for run_name, r in runs.items():
+            mine = {f"{name} x{procs}": run(name, procs, cfg) for procs in (1, 2)}
+        for run_name, r in mine.items():
             r["floor"] = base["generate"] + base["fwd_bwd"] + base["fwd"]
             r["overhead_ratio"] = r["step"] / r["floor"]
-            results[run_name] = {**r, **{f"floor/{k}": v for k, v in base.items()}}
-    cols = [
-        "step",
-        "rollout",
-        "reward",
-        "ref_old",
-        "update",
-        "tokens_per_s",
-        "peak_rss_mb",
-        "floor",
-        "overhead_ratio",
-        "tower_images_per_step",
-    ]
-    print(f"\nGRPO step on CPU, G = {G}, {P} prompts, {NEW} new tokens (seconds unless named)")
-    width = [max(15, len(c) + 2) for c in cols]
-    print(f"{'run':<22}" + "".join(f"{c:>{w}}" for c, w in zip(cols, width)))
-    for run_name, r in results.items():
-        print(f"{run_name:<22}" + "".join(f"{r[c]:>{w}.3f}" for c, w in zip(cols, width)))
-    shared, plain = results["vision x1"], results["vision x1 no sharing"]
+            runs[run_name] = {**r, **{f"floor/{k}": v for k, v in base.items()}}
+        print(f"  {', '.join(mine)}: done ({time.time() - started:.0f} s)", flush=True)
+    assert list(runs) == list(RUNS), list(runs)
+    results["runs"] = runs
+    print("\n" + table(runs, cfg))
+    shared, plain = runs["vision x1"], runs["vision x1 no sharing"]
     speedup = {
         "step": plain["step"] / shared["step"],
         "ref_old_update": (plain["ref_old"] + plain["update"]) / (shared["ref_old"] + shared["update"]),
@@ -317,14 +403,18 @@ def main():
     )
     results["vision_sharing_speedup"] = speedup
     results["vision_flops_g"] = {"tower_per_image": tower, "lm_per_sequence": lm}
-    json.dump(results, open(os.path.join(ROOT, "bench.json"), "w"), indent=1)
-    print("written to bench.json")
+    results["load_average_end"] = os.getloadavg()
+    results["seconds"] = time.time() - started
+    json.dump(results, open(path, "w"), indent=1)
+    load = ", ".join(f"{x:.2f}" for x in results["load_average_end"])
+    print(f"written to {path} ({results['seconds']:.0f} s; load average at the end {load}, {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(*sys.argv[2:])
+        name, out, cfg, alternate = sys.argv[2:6]
+        worker(name, out, json.loads(cfg), alternate == "alternate")
     elif sys.argv[1:2] == ["--scoring-memory"]:
         scoring_memory(sys.argv[2], int(sys.argv[3]))
     else:
-        main()
+        main(sys.argv[1:])

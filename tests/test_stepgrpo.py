@@ -177,20 +177,21 @@ def test_sft_batch_masks_exactly_the_prompt_and_image_tokens(tiny, examples):
         n = int(b["mask"][i].sum())
         assert b["completion"][i, :n].tolist() == target and n == len(target)
         assert (b["completion"][i, n:] == tok.pad_token_id).all()
-    # the prompt (with its image tokens) is in input_ids, never in the scored part
+    # the prompt (with its image tokens) is in the encoded prompt, never in the scored part
+    p = b["prompt"]
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    assert (b["input_ids"] == image_id).any() and not (b["completion"] == image_id).any()
+    assert (p["input_ids"] == image_id).any() and not (b["completion"] == image_id).any()
     with torch.no_grad():
         logp = g.token_logprobs(model, b, 1.0, [], torch.device("cpu"))
-        full = torch.cat([b["input_ids"], b["completion"]], 1)
+        full = torch.cat([p["input_ids"], b["completion"]], 1)
         out = model(
             input_ids=full,
-            attention_mask=torch.cat([b["attention_mask"], b["mask"].long()], 1),
-            mm_token_type_ids=torch.cat([b["mm_token_type_ids"], torch.zeros_like(b["completion"])], 1),
-            pixel_values=b["pixel_values"],
-            image_grid_thw=b["image_grid_thw"],
+            attention_mask=torch.cat([p["attention_mask"], b["mask"].long()], 1),
+            mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros_like(b["completion"])], 1),
+            pixel_values=p["pixel_values"],
+            image_grid_thw=p["image_grid_thw"],
         )
-        L = b["input_ids"].shape[1]
+        L = p["input_ids"].shape[1]
         by_hand = torch.nn.functional.cross_entropy(
             out.logits[:, L - 1 : -1].transpose(1, 2), b["completion"], reduction="none"
         )

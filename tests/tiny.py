@@ -139,4 +139,5 @@ def flags():
 
 
 if __name__ == "__main__":
+    tf.utils.logging.disable_progress_bar()
     print(write(sys.argv[1], qwen25="--qwen25" in sys.argv))
