@@ -150,8 +150,10 @@ def from_plain(row, folder):
     choices = from_json(row.get("choices")) or None
     if choices is not None and not (isinstance(choices, list) and len(choices) <= 26):
         raise ValueError("expected a list of at most 26 options")
-    answer = row.get("answer")
     solution = row.get("solution")
+    if not isinstance(solution, (str, type(None))):
+        raise ValueError(f"expected text, not {type(solution).__name__}")
+    answer = row.get("answer")
     if answer is None and FINAL in (solution or ""):  # step-wise CoT rows
         answer = solution.rpartition(FINAL)[2].strip().partition("\n")[0]
     if not str(answer or "").strip():
