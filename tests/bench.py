@@ -32,8 +32,14 @@ import tempfile
 import threading
 import time
 
-import torch
-import transformers as tf
+# OpenMP threads wait for work passively: on this 2-core machine, shared with other jobs, the default
+# spin-waiting made a 2-thread step of the tiny model 7x slower (and its floor 25x) at load average 7. (On an
+# idle machine spinning may win back a little; the README's figures were taken with it.) Set before torch
+# loads its OpenMP runtime, which reads it once; the subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -228,7 +234,9 @@ def flops(name):
     tokens = b["attention_mask"].sum(1).float().mean().item() + FULL["NEW"]  # prompt + completion
     v = model.model.visual
     tower = 2 * patches * (weights(v.patch_embed, v.blocks) + weights(v.merger) / 4)
-    lm = 2 * tokens * weights(model.model.language_model.layers) + 2 * (FULL["NEW"] + 1) * weights(model.lm_head)
+    lm = 2 * tokens * weights(model.model.language_model.layers) + 2 * (FULL["NEW"] + 1) * weights(
+        model.lm_head
+    )
     return tower / 1e9, lm / 1e9
 
 
@@ -252,7 +260,9 @@ def floor(name, cfg):
                 **inputs,
                 "input_ids": seqs,
                 "attention_mask": torch.ones_like(seqs),
-                "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(seqs[:, -C:])], 1),
+                "mm_token_type_ids": torch.cat(
+                    [inputs["mm_token_type_ids"], torch.zeros_like(seqs[:, -C:])], 1
+                ),
             }
             model(**full, logits_to_keep=C + 1).logits.float().logsumexp(-1).mean().backward()
             t2 = time.perf_counter()
@@ -325,15 +335,21 @@ def scoring_memory(how, C, N=4):
 
 
 def measure_scoring_memory(cfg):
-    """Each way in a fresh process, so neither inherits the other's freed-but-kept memory."""
-    peaks = {}
+    """Each way in a fresh process, so neither inherits the other's freed-but-kept memory (side by side: a
+    process's RSS is its own, and nothing here is timed)."""
+    procs = {}
     for C in cfg["scoring_C"]:
         for how in ("full", "chunked"):
             cmd = [sys.executable, __file__, "--scoring-memory", how, str(C)]
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV)
-            if p.returncode != 0:
-                raise SystemExit(f"bench: scoring memory ({how}, C = {C}) failed:\n{p.stderr[-4000:]}")
-            peaks[f"{how} 4x{C}"] = float(p.stdout.split("PEAK_MB")[1].split()[0])
+            procs[f"{how} 4x{C}"] = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+            )
+    peaks = {}
+    for key, p in procs.items():
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"bench: scoring memory ({key}) failed:\n{err[-4000:]}")
+        peaks[key] = float(out.split("PEAK_MB")[1].split()[0])
     return peaks
 
 
@@ -361,6 +377,7 @@ def main(argv):
     path = argv[argv.index("--json") + 1] if "--json" in argv else os.path.join(ROOT, "bench.json")
     cfg = QUICK if quick else FULL
     started = time.time()
+    tf.utils.logging.disable_progress_bar()
     for name in MODELS:  # written once, here: not raced for by two ranks
         model_folder(name)
     tiny.data_file(64)
@@ -407,7 +424,9 @@ def main(argv):
     results["seconds"] = time.time() - started
     json.dump(results, open(path, "w"), indent=1)
     load = ", ".join(f"{x:.2f}" for x in results["load_average_end"])
-    print(f"written to {path} ({results['seconds']:.0f} s; load average at the end {load}, {os.cpu_count()} CPUs)")
+    print(
+        f"written to {path} ({results['seconds']:.0f} s; load average at the end {load}, {os.cpu_count()} CPUs)"
+    )
 
 
 if __name__ == "__main__":

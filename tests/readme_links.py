@@ -5,25 +5,24 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANCHORS = {  # label -> (file, text on the line)
+ANCHORS = {  # label -> (file, text on the line); the line must also contain the label itself
     "G1": ("grpo_vl.py", "r = sum(per_fn.values())"),
-    "G2": ("grpo_vl.py", '"""G2: A_i'),
+    "G2": ("grpo_vl.py", '"""G2, DeepSeekMath'),
     "G3": ("grpo_vl.py", "ratio = torch.exp(logp - old)"),
-    "G4": ("grpo_vl.py", "D = torch.exp(ref - logp)"),
+    "G4": ("grpo_vl.py", "if ref is not None:  # G4"),
     "G5": ("grpo_vl.py", "surrogate = torch.min("),
-    "G6": ("grpo_vl.py", "aggregated as G6"),
-    "G7": ("grpo_vl.py", "# G7: rho = 1 at mu = 1"),
-    "G8": ("grpo_vl.py", "drawn from (G8)"),
+    "G6": ("grpo_vl.py", "# G6: -1/G"),
+    "G7": ("grpo_vl.py", "# G7: at mu = 1, rho = 1"),
+    "G8": ("grpo_vl.py", "# (n, V) G8: z / T"),
     "G9": ("grpo_vl.py", '"""G9:'),
     "I1": ("grpo_vl.py", "(G8, I1)"),
-    "I2": ("data.py", "(I2)"),
-    "I3": ("grpo_vl.py", "concatenated (I3)"),
-    "I4": ("grpo_vl.py", "(I4): one over"),
-    "I5": ("grpo_vl.py", "(I5)"),
+    "I2": ("data.py", "batch (I2)"),
+    "I3": ("grpo_vl.py", "(I3): one prompt's rows repeat"),
+    "I5": ("grpo_vl.py", "VISION_TOKENS = ["),
     "I6": ("grpo_vl.py", "# I6"),
     "I7": ("grpo_vl.py", "# I7"),
     "I8": ("grpo_vl.py", "# I8"),
-    "I9": ("grpo_vl.py", "FSDP2 (I9)"),
+    "I9": ("grpo_vl.py", '"""I9:'),
     "I10": ("grpo_vl.py", "(I10)"),
     "R1": ("rewards.py", '"""R1:'),
     "R2": ("rewards.py", '"""R2:'),
@@ -35,7 +34,7 @@ ANCHORS = {  # label -> (file, text on the line)
     "P1": ("data.py", "# P1:"),
     "P2": ("data.py", "P2 = "),
     "P3": ("data.py", "# P3"),
-    "P4": ("data.py", "P4 (Vision-R1"),
+    "P4": ("data.py", "# P4"),
 }
 LINK = re.compile(r"\[(G\d|I\d+|R\d|P\d)\]\((\w+\.py)#L(\d+)\)")
 

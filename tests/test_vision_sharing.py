@@ -1,7 +1,8 @@
-"""shared_vision: each distinct image through the vision tower once per forward, not once per completion.
-With it and without it (grpo_vl.shared_vision patched to do nothing) the completions, the log-probs and the
-gradients agree; the tower sees each prompt's image once per pass, not G times. One process here, 2 FSDP
-ranks in vision_sharing_worker.py."""
+"""shared_vision: a prompt's images through the vision tower once per forward, not once per completion.
+A batch is one prompt and its completions; with sharing and without it (grpo_vl.shared_vision patched to do
+nothing) the completions, the log-probs and the gradients agree, for a prompt of one image and a prompt of
+two; the tower sees each prompt's images once per pass, not once per copy. One process here, 2 FSDP ranks in
+vision_sharing_worker.py."""
 
 import contextlib
 import copy
@@ -14,6 +15,7 @@ import pytest
 import tiny
 import torch
 
+import data
 import grpo_vl as g
 import rewards as R
 
@@ -33,8 +35,8 @@ def load(name, *more):
     return args, g.load_models(args, 0, 1, CPU, None)
 
 
-def no_sharing(batch, *models):
-    """shared_vision turned off: every sequence's copy of its image goes through the vision tower."""
+def no_sharing(n, *models):
+    """shared_vision turned off: every copy of the prompt's images goes through the vision tower."""
     return contextlib.nullcontext()
 
 
@@ -70,28 +72,43 @@ def perturbed(model, seed=1):
     return ref
 
 
-def scored_step(model, ref, b, banned, device):
-    """The reference log-probs, the policy log-probs and the gradients of one GRPO loss (G3-G6) on batch b,
-    each forward inside g.shared_vision as grpo_step runs it. Gradients are returned as local tensors."""
-    mask = b["mask"].to(device)
-    with torch.no_grad(), g.shared_vision(b, ref):
-        ref_lp = g.token_logprobs(ref, b, 1.0, banned, device)
+def two_images(ex, other):
+    """ex asked about two images: its own, then other's (the instruct prompt places one slot per image)."""
+    return {**ex, "images": ex["images"] + other["images"]}
+
+
+def scored_step(model, ref, batches, banned, device):
+    """The reference log-probs, the policy log-probs (one tensor per batch) and the gradients of one GRPO
+    loss (G3-G6) over the one-prompt batches, each forward inside g.shared_vision as grpo_step runs it, the
+    gradients accumulated over the batches. Gradients are returned as local tensors."""
     model.zero_grad(set_to_none=True)
-    with g.shared_vision(b, model):
-        logp = g.token_logprobs(model, b, 1.0, banned, device)
-    A = torch.linspace(-1.5, 1.5, len(mask), device=device)  # advantages of both signs, none zero
-    loss, _, _ = g.grpo_loss(logp, logp.detach(), ref_lp, A, mask, BETA, len(mask))
-    loss.backward()
-    grads = {n: getattr(p.grad, "_local_tensor", p.grad).clone() for n, p in model.named_parameters()}
-    return ref_lp, logp.detach(), grads
+    n = sum(len(b["completion"]) for b in batches)
+    ref_lps, lps = [], []
+    for k, b in enumerate(batches):
+        mask = b["mask"].to(device)
+        with torch.no_grad(), g.shared_vision(len(mask), ref):
+            ref_lps.append(g.token_logprobs(ref, b, 1.0, banned, device))
+        with g.shared_vision(len(mask), model):
+            logp = g.token_logprobs(model, b, 1.0, banned, device)
+        A = torch.linspace(-1.5, 1.5, len(mask), device=device) + 0.5 * k  # both signs, none zero
+        loss, _, _ = g.grpo_loss(logp, logp.detach(), ref_lps[-1], A, mask, BETA, n)
+        loss.backward()
+        lps.append(logp.detach())
+    grads = {k: getattr(p.grad, "_local_tensor", p.grad).clone() for k, p in model.named_parameters()}
+    return ref_lps, lps, grads
 
 
-def assert_same_step(with_sharing, without, mask):
+def assert_same_step(with_sharing, without, masks):
     """Log-probs and gradients equal within fp32 tolerance; the vision tower's gradients are not zero."""
     (ref_a, lp_a, grads_a), (ref_b, lp_b, grads_b) = with_sharing, without
-    m = mask.bool()
-    assert torch.allclose(ref_a[m], ref_b[m], atol=1e-5), (ref_a[m] - ref_b[m]).abs().max()
-    assert torch.allclose(lp_a[m], lp_b[m], atol=1e-5), (lp_a[m] - lp_b[m]).abs().max()
+    assert len(ref_a) == len(ref_b) == len(lp_a) == len(lp_b) == len(masks)
+    for k, mask in enumerate(masks):
+        m = mask.bool()
+        assert torch.allclose(ref_a[k][m], ref_b[k][m], atol=1e-5), (
+            k,
+            (ref_a[k][m] - ref_b[k][m]).abs().max(),
+        )
+        assert torch.allclose(lp_a[k][m], lp_b[k][m], atol=1e-5), (k, (lp_a[k][m] - lp_b[k][m]).abs().max())
     assert grads_a.keys() == grads_b.keys()
     for k in grads_b:
         assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-4, atol=1e-7), (
@@ -102,59 +119,59 @@ def assert_same_step(with_sharing, without, mask):
     assert len(vision) > 10 and sum(grads_b[k].abs().sum() for k in vision) > 1e-3
 
 
-def one_batch(processor, exs, args, batches):
-    """The rollout's per-prompt batches as one batch of the prompts' G copies each (several distinct images
-    in one forward, two of them the same size), the completions and masks padded to the longest."""
-    b = g.take(g.encode(processor, exs, args), torch.arange(len(exs)).repeat_interleave(G))
-    C = max(x["completion"].shape[1] for x in batches)
-    pad = processor.tokenizer.pad_token_id
-    b["completion"] = torch.cat(
-        [
-            torch.nn.functional.pad(x["completion"], (0, C - x["completion"].shape[1]), value=pad)
-            for x in batches
-        ]
-    )
-    b["mask"] = torch.cat([torch.nn.functional.pad(x["mask"], (0, C - x["mask"].shape[1])) for x in batches])
-    return b
-
-
 @pytest.mark.parametrize("name", ["tiny", "tiny-2.5"])
 def test_sharing_changes_no_completion_log_prob_or_gradient(name, examples, monkeypatch):
-    """Three prompts, two of them with images of the same size (a wrong image would fit their slots), G = 4:
-    greedy rollouts identical, and on one batch of all three prompts the reference and policy log-probs
-    and every gradient of a GRPO loss equal."""
-    args, run = load(name, "--max-new-tokens", "12")
+    """Two prompts under the instruct prompt (P2: one image slot per image), G = 4: one of one image, one of
+    two different images of the same size (either's encoding would fit the other's slots). Greedy rollouts
+    identical, and the reference and policy log-probs of each prompt's batch and every gradient of a GRPO
+    loss over both batches equal."""
+    args, run = load(name, "--variant", "grpo", "--max-new-tokens", "12")
     model, processor = run.model, run.processor
     monkeypatch.setattr(model.generation_config, "do_sample", False)  # greedy: rollouts comparable
     ref = perturbed(model)
     seen = count_images(model)
-    exs = [examples[0], examples[1], examples[3]]
-    assert g.encode(processor, exs, args)["image_grid_thw"].tolist()[:2] == [[1, 6, 8]] * 2
+    exs = [examples[3], two_images(examples[0], examples[1])]
+    pair = data.encode(processor, exs[1:], g.PROMPT[args.variant], args.max_pixels)
+    assert pair["image_grid_thw"].tolist() == [[1, 6, 8]] * 2
+    assert not torch.equal(*pair["pixel_values"].chunk(2))  # two different images
     rollouts = []
     for on in (True, False):
         with vision_sharing(on):
             rollouts.append(g.rollout(model, exs, args, run, seed=0))
-    assert len(rollouts[0]) == len(rollouts[1]) == 3
+    assert len(rollouts[0]) == len(rollouts[1]) == 2
     for a, b in zip(*rollouts):
         assert torch.equal(a["completion"], b["completion"])
-    b = one_batch(processor, exs, args, rollouts[0])
-    assert b["mask"].sum() > 3 * G * 4  # the completions have some length
+    batches = rollouts[0]
+    assert [len(b["prompt"]["image_grid_thw"]) for b in batches] == [1, 2]  # each prompt encoded once
+    assert all(b["mask"].sum() > G * 4 for b in batches)  # the completions have some length
     steps = []
     for on in (True, False):
         with vision_sharing(on):
-            steps.append(scored_step(model, ref, b, run.banned, CPU))
-    assert_same_step(*steps, b["mask"])
-    # each prompt's prefill (one image, or G copies of it), then the policy's forward of all three prompts
-    # (the reference has no hook): each image once, or G times
-    assert seen == [1, 1, 1, G, G, G, 3, 3 * G], seen
+            steps.append(scored_step(model, ref, batches, run.banned, CPU))
+    assert_same_step(*steps, [b["mask"] for b in batches])
+    # each prompt's prefill (its 1 or 2 images, or G copies of them), then the policy's forward of each
+    # prompt's batch (the reference has no hook): the prompt's images once, or G times
+    assert seen == [1, 2, G, 2 * G, 1, 2, G, 2 * G], seen
 
 
-def test_the_vision_tower_sees_each_distinct_image_once_per_pass(tmp_path, monkeypatch):
-    """One real GRPO step (4 prompts, G = 4, mu = 2, micro-batches of 3, so each group is cut in 3 + 1): the
-    tower encodes each prompt's image once in its rollout and once per micro-batch in each reference, old
-    and policy forward, where the plain path encodes every copy; the step's numbers are the same either
-    way, and they are not those of a step that learned nothing (a reward of the text's length varies in every
-    group, lr 1e-3)."""
+def two_image_rows(folder):
+    """The 16-row synthetic data set with each row asked about two images (its own, then the next row's)."""
+    rows = [json.loads(line) for line in open(tiny.data_file(16))]
+    images = [os.path.join(os.path.dirname(tiny.data_file(16)), row.pop("image")) for row in rows]
+    path = os.path.join(folder, "two_images.jsonl")
+    with open(path, "w") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({**row, "images": [images[i], images[(i + 1) % len(rows)]]}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_vision_tower_sees_each_distinct_image_once_per_pass(tmp_path, monkeypatch, k):
+    """One real GRPO step (4 prompts of k images, G = 4, mu = 2, micro-batches of 3, so each group is cut in
+    3 + 1): the tower encodes each prompt's k images once in its rollout and once per micro-batch in each
+    reference, old and policy forward, where the plain path encodes every copy; the step's numbers are the
+    same either way, and they are not those of a step that learned nothing (a reward of the text's length
+    varies in every group, lr 1e-3)."""
     load_models, seen = g.load_models, []
 
     def load_and_count(*a):  # policy and reference (a deep copy made inside) both counted
@@ -170,9 +187,11 @@ def test_the_vision_tower_sees_each_distinct_image_once_per_pass(tmp_path, monke
     rows, completions = [], []
     for on in (True, False):
         out = str(tmp_path / str(on))
-        argv = ["--data", tiny.data_file(16), "--max-steps", "1", "--prompts-per-step", "4"]
-        argv += ["--num-generations", str(G), "--mu", "2", "--micro-batch", "3", "--max-new-tokens", "8"]
-        argv += ["--rewards", "accuracy", "--lr", "1e-3", "--log-completions-every", "1", "--out", out]
+        argv = ["--data", tiny.data_file(16)] if k == 1 else ["--data", two_image_rows(tmp_path)]
+        argv += [] if k == 1 else ["--variant", "grpo"]  # P1 has one image slot; P2 one per image
+        argv += ["--max-steps", "1", "--prompts-per-step", "4", "--num-generations", str(G), "--mu", "2"]
+        argv += ["--micro-batch", "3", "--max-new-tokens", "8", "--rewards", "accuracy", "--lr", "1e-3"]
+        argv += ["--log-completions-every", "1", "--out", out]
         seen.append([])
         with vision_sharing(on):
             g.main(tiny.flags() + argv)
@@ -181,19 +200,20 @@ def test_the_vision_tower_sees_each_distinct_image_once_per_pass(tmp_path, monke
         completions.append([json.loads(line)["completion"] for line in trajectories])
     # 4 rollouts (one per prompt); per micro-batch (3 + 1 copies of a prompt) the reference and old (mu = 2)
     # forwards; then 2 epochs x the 8 micro-batches
-    assert seen[0] == [1] * 4 + [1] * 16 + [1] * 16, seen[0]
-    assert seen[1] == [G] * 4 + [3, 3, 1, 1] * 4 + [3, 1] * 8, seen[1]
+    assert seen[0] == [k] * 4 + [k] * 16 + [k] * 16, seen[0]
+    assert seen[1] == [G * k] * 4 + [3 * k, 3 * k, k, k] * 4 + [3 * k, k] * 8, seen[1]
     shared, plain = rows
     assert len(completions[0]) == 4 * G and completions[0] == completions[1]
     assert shared["reward"] == plain["reward"] and shared["completion_len"] == plain["completion_len"]
     assert shared["grad_norm"] > 0 and shared["kl"] > 0  # the step learned: its numbers can differ
-    for k in ("kl", "loss", "grad_norm"):
-        assert shared[k] == pytest.approx(plain[k], rel=1e-4, abs=1e-9), k
+    for key in ("kl", "loss", "grad_norm"):
+        assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-9), key
     assert shared["clip_frac"] == plain["clip_frac"]
 
 
 def test_two_fsdp_ranks():
-    """tiny and tiny-2.5 sharded over 2 ranks: completions, log-probs and gradient shards equal."""
+    """tiny and tiny-2.5 sharded over 2 ranks, a prompt of one image and one of two per rank: completions,
+    log-probs and gradient shards equal; the tower sees each prompt's images once per pass."""
     tiny.model_dir("tiny-2.5"), tiny.data_file(16)  # written here, not raced for by the two ranks
     p = subprocess.run(
         [
