@@ -1,4 +1,5 @@
-"""./run.sh mutants [LABEL-PREFIX ...]: break each line that matters, one at a time, and check a test notices.
+"""./run.sh mutants [LABEL-PREFIX ... | --check]: break each line that matters, one at a time, and check a
+test notices.
 
 Each mutant below is one entry: a label, a file, an exact snippet of it (found exactly once), the snippet
 that replaces it, and the tests that guard it (node ids under tests/). The script copies the repository to a
@@ -86,8 +87,8 @@ MUTANTS = [
     Mutant(
         "G5 clip range",
         "grpo_vl.py",
-        "ratio.clamp(1 - args.eps, 1 + args.eps)",
-        "ratio.clamp(1 - args.eps, 1 + 2 * args.eps)",
+        "ratio.clamp(1 - EPS, 1 + EPS)",
+        "ratio.clamp(1 - EPS, 1 + 2 * EPS)",
         EQ + "g3_g4_g5_per_token_by_hand",
     ),
     Mutant(
@@ -143,22 +144,22 @@ MUTANTS = [
     Mutant(
         "R2 text after </answer> allowed",
         "rewards.py",
-        'and t.endswith("</answer>")\n        and re.search',
-        'and "</answer>" in t\n        and re.search',
+        't.endswith("</answer>") and joined',
+        '"</answer>" in t and joined',
         RW + "r2_format",
     ),
     Mutant(
         "R4 right answer: 1 + alpha*k lost",
         "rewards.py",
-        "return float(is_correct(pred, ex)) + alpha * k",
-        "return alpha * k",
+        "return float(is_correct(pred, ex)) + ALPHA * k",
+        "return ALPHA * k",
         STEP + "r4_step_rar",
     ),
     Mutant(
         "R4 wrong answer: alpha*k lost",
         "rewards.py",
-        "return float(is_correct(pred, ex)) + alpha * k",
-        "return float(is_correct(pred, ex)) * (1 + alpha * k)",
+        "return float(is_correct(pred, ex)) + ALPHA * k",
+        "return float(is_correct(pred, ex)) * (1 + ALPHA * k)",
         STEP + "r4_step_rar",
     ),
     Mutant(
@@ -199,8 +200,8 @@ MUTANTS = [
     Mutant(
         "R6 repeated tags allowed",
         "rewards.py",
-        "any(t.count(tag) != 1 for tag in tags)",
-        "any(t.count(tag) < 1 for tag in tags)",
+        "all(t.count(tag) == 1 for tag in",
+        "all(t.count(tag) >= 1 for tag in",
         VR1 + "r6_hard_formatting_result_reward",
     ),
     Mutant(
@@ -216,8 +217,8 @@ MUTANTS = [
     Mutant(
         "resume: model weights not saved",
         "grpo_vl.py",
-        'train_state = {"model": model_sd, "optim": optim_sd}',
-        'train_state = {"optim": optim_sd}',
+        'state = {"model": model_sd, "optim": optim_sd}',
+        'state = {"optim": optim_sd}',
         RESUME,
     ),
     Mutant(
@@ -237,7 +238,7 @@ MUTANTS = [
     Mutant(
         "resume: reference model not saved",
         "grpo_vl.py",
-        'train_state["ref"] = dsd.get_model_state_dict(ref)',
+        'state["ref"] = dsd.get_model_state_dict(ref)',
         "pass",
         RESUME,
     ),
@@ -251,31 +252,24 @@ MUTANTS = [
     Mutant(
         "resume: rollouts not seeded per step",
         "grpo_vl.py",
-        "torch.manual_seed(seed + start)",
+        "torch.manual_seed(seed + j)",
         "None",
         RESUME,
     ),
     # ---- groups and their prompts (I8)
     Mutant(
-        "I8 groups expanded with .repeat",
-        "grpo_vl.py",
-        "torch.arange(len(chunk)).repeat_interleave(G)",
-        "torch.arange(len(chunk)).repeat(G)",
-        I8,
-    ),
-    Mutant(
         "I8 rewards read the wrong row",
         "grpo_vl.py",
-        "ex_of = [mine[j // G] for j in range(len(texts))]",
-        "ex_of = [mine[j % len(mine)] for j in range(len(texts))]",
+        "ex_of = [exs[j // G] for j in range(len(texts))]",
+        "ex_of = [exs[j % len(exs)] for j in range(len(texts))]",
         I8,
     ),
     Mutant(
-        "I8 each generate() call's completions indexed from 0 (--gen-batch: every group gets group 0's A)",
+        "I8 each prompt's completions indexed from 0 (every group gets group 0's A)",
         "grpo_vl.py",
-        'b["idx"] = torch.arange(start * G, (start + len(chunk)) * G)',
-        'b["idx"] = torch.arange(len(chunk) * G)',
-        MEM + "gen_batch_rollouts_give_each_micro_batch_its_own_completions_advantages",
+        'b["idx"] = torch.arange(j * G, (j + 1) * G)',
+        'b["idx"] = torch.arange(G)',
+        MEM + "rollouts_give_each_micro_batch_its_own_completions_advantages",
     ),
     # ---- FSDP
     Mutant(
@@ -288,8 +282,8 @@ MUTANTS = [
     Mutant(
         "FSDP root left gathered by shard()",
         "grpo_vl.py",
-        "    model.reshard()\n    return model",
-        "    return model",
+        "use_cache=False)\n    model.reshard()",
+        "use_cache=False)",
         FSDP,
     ),
     Mutant(
@@ -302,7 +296,7 @@ MUTANTS = [
     Mutant(
         "FSDP ranks share rollout seeds",
         "grpo_vl.py",
-        "seed = args.seed + 1_000_003 * step + rank * P // world",
+        "seed = args.seed + 1_000_003 * step + run.rank * len(exs)",
         "seed = args.seed + 1_000_003 * step",
         "test_train.py::test_fsdp_two_ranks_match_one_process",
     ),
@@ -317,17 +311,17 @@ MUTANTS = [
     Mutant(
         "G5 clip_frac counts every ratio outside the range, whatever A's sign",
         "grpo_vl.py",
-        "clipped = ((ratio > 1 + args.eps) & (A[:, None] > 0)) | ((ratio < 1 - args.eps) & (A[:, None] < 0))",
-        "clipped = (ratio > 1 + args.eps) | (ratio < 1 - args.eps)",
+        "clipped = ((ratio > 1 + EPS) & (A > 0)) | ((ratio < 1 - EPS) & (A < 0))",
+        "clipped = (ratio > 1 + EPS) | (ratio < 1 - EPS)",
         EQ + "g3_g4_g5_per_token_by_hand",
     ),
     # ---- batches (I3) and PTST
     Mutant(
-        "I3 pixel rows cut in equal blocks, not per image",
+        "I3 a prompt's rows interleaved, not repeated whole, for its copies",
         "grpo_vl.py",
-        'pixels = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())',
-        'pixels = torch.chunk(batch["pixel_values"], len(batch["image_grid_thw"]))',
-        "test_model.py::test_i3_take_slices_pixel_values_per_sample",
+        "v.repeat(n, 1).to(device)",
+        "v.repeat_interleave(n, 0).to(device)",
+        "test_model.py::test_i3_copies_keep_each_sequence_with_its_own_image_rows",
     ),
     Mutant(
         "PTST a stage's last step run under the next stage",
@@ -340,23 +334,25 @@ MUTANTS = [
     Mutant(
         "vision sharing: every copy encoded (no de-duplication)",
         "grpo_vl.py",
-        "distinct = list(dict.fromkeys(src))",
-        "distinct = src",
+        "out = get_image_features(pixel_values[:rows], image_grid_thw[:k], **kwargs)\n"
+        "        out.pooler_output = list(out.pooler_output) * n",
+        "out = get_image_features(pixel_values, image_grid_thw, **kwargs)\n"
+        "        out.pooler_output = list(out.pooler_output)",
         VS,
     ),
     Mutant(
-        "vision sharing: the first sequences' images, not each distinct image's first copy",
+        "vision sharing: a multi-image prompt encoded as its first image",
         "grpo_vl.py",
-        "first = [src.index(s) for s in distinct]",
-        "first = list(range(len(distinct)))",
+        "k = len(image_grid_thw) // n  # the prompt's images",
+        "k = 1  # the prompt's images",
         VS,
     ),
     # ---- memory: bf16, gradient checkpointing, resharding
     Mutant(
         "bf16: --precision bf16 ignored off GPU",
         "grpo_vl.py",
-        'return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")',
-        'return args.precision == "auto" and device.type == "cuda"',
+        'bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")',
+        'bf16 = args.precision == "auto" and device.type == "cuda"',
         FLAGS + " " + BF16,
     ),
     Mutant(
@@ -376,14 +372,14 @@ MUTANTS = [
     Mutant(
         "bf16: one process without autocast",
         "grpo_vl.py",
-        "amp = torch.autocast(device.type, torch.bfloat16) if bf16_autocast else contextlib.nullcontext()",
-        "amp = contextlib.nullcontext()",
+        "torch.autocast(device.type, torch.bfloat16) if bf16 and mesh is None else contextlib.nullcontext()",
+        "contextlib.nullcontext()",
         PREC + "one_process_bf16_generates_and_scores_under_autocast_and_fp32_does_not",
     ),
     Mutant(
         "gradient checkpointing never enabled",
         "grpo_vl.py",
-        'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})',
+        'model.activation_checkpointing_enable({"use_reentrant": False})',
         "pass",
         FLAGS,
     ),
@@ -456,7 +452,26 @@ def main(prefixes):
     return 0 if caught == len(chosen) else 1
 
 
+def check():
+    """The quick form (--check, run by the tests): every snippet stands exactly once in its file, and every
+    guarding test is defined, so that the list cannot rot between mutation runs. Returns the problems."""
+    problems = []
+    for m in MUTANTS:
+        if (n := open(os.path.join(ROOT, m.file)).read().count(m.original)) != 1:
+            problems.append(f"{m.label}: {n} copies of its snippet in {m.file}")
+        for test in m.tests.split():
+            file, _, name = test.partition("::")
+            source = open(os.path.join(ROOT, "tests", file)).read()
+            if not re.search(rf"^def {re.escape(name)}", source, re.M):
+                problems.append(f"{m.label}: no test {test}")
+    return problems
+
+
 if __name__ == "__main__":
     if {"-h", "--help"} & set(sys.argv[1:]):
         sys.exit(print(__doc__))
+    if "--check" in sys.argv[1:]:
+        problems = check()
+        print("\n".join(problems) or f"{len(MUTANTS)} mutants: every snippet found once, every test defined")
+        sys.exit(1 if problems else 0)
     sys.exit(main(sys.argv[1:]))
