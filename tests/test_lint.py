@@ -22,3 +22,23 @@ def test_modules_are_formatted():
 def test_modules_pass_the_lint_rules():
     p = ruff("check", "--output-format", "concise", *MODULES)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_modules_stay_within_their_line_budget(tmp_path):
+    """The three modules as `ruff format` leaves them, counted as `wc -l` counts. The aim is about 1,000 lines,
+    the budget 1,050, never above 1,150 (issue 18). The code is not there yet: this bound holds the count
+    where the rewrite left it (tests/README.md says what each part costs), so nothing grows meanwhile."""
+    for name in MODULES:
+        (tmp_path / name).write_text(open(os.path.join(ROOT, name)).read())
+    p = ruff("format", "--quiet", "--line-length", "110", *[str(tmp_path / name) for name in MODULES])
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = sum(len((tmp_path / name).read_text().splitlines()) for name in MODULES)
+    assert lines <= 1400, f"{lines} lines in {', '.join(MODULES)}: over the budget; remove, don't pack"
+
+
+def test_mutants_quick_form():
+    """./run.sh mutants --check: every mutant's snippet stands once in its file and its tests exist."""
+    p = subprocess.run(
+        [sys.executable, "tests/mutants.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
