@@ -112,7 +112,7 @@ class Row(dict):
 def images_of(row, folder):
     """The row's images, each one's header read now so that an unreadable image is named at load time; a
     relative path (no http:, file:, data:) starts at the data file's folder."""
-    column = next((c for c in ("images", "image", "image_path", "image_bytes") if row.get(c)), None)
+    column = next((c for c in ("images", "image_path", "image_bytes", "image") if row.get(c)), None)
     if column is None:
         raise ValueError("no image (looked in 'images', 'image', 'image_path')")
     images = list(row[column]) if isinstance(row[column], list) else [row[column]]

@@ -35,8 +35,10 @@ import time
 # OpenMP threads wait for work passively: on this 2-core machine, shared with other jobs, the default
 # spin-waiting made a 2-thread step of the tiny model 7x slower (and its floor 25x) at load average 7. (On an
 # idle machine spinning may win back a little; the README's figures were taken with it.) Set before torch
-# loads its OpenMP runtime, which reads it once; the subprocesses inherit it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# loads its OpenMP runtime, which reads it once; the subprocesses inherit it. (Imported, by test_bench.py,
+# this module leaves the environment alone.)
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
@@ -354,7 +356,7 @@ def measure_scoring_memory(cfg):
 
 
 def cell(value, width):
-    """A table cell: 4 significant digits (a reward time of 0.0004 s is not printed as 0.000), '-' if absent."""
+    """A table cell: 4 significant digits (a reward time of 0.0004 s is not 0.000), '-' if absent."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:>{width}.4g}"
     return f"{'-':>{width}}"
@@ -364,7 +366,8 @@ def table(runs, cfg):
     """The table as printed: a title, a header, one line per configuration."""
     width = [max(10, len(c) + 2) for c in COLS]
     lines = [
-        f"GRPO step on CPU, G = {cfg['G']}, {cfg['P']} prompts, {cfg['NEW']} new tokens (seconds unless named)",
+        f"GRPO step on CPU, G = {cfg['G']}, {cfg['P']} prompts, {cfg['NEW']} new tokens"
+        " (seconds unless named)",
         f"{'run':<22}" + "".join(f"{c:>{w}}" for c, w in zip(COLS, width)),
     ]
     for run_name, r in runs.items():
@@ -387,7 +390,8 @@ def main(argv):
     for C in cfg["scoring_C"]:
         full, chunked = peaks[f"full 4x{C}"], peaks[f"chunked 4x{C}"]
         print(
-            f"  C = {C}: (N, C, V) fp32 logits at once {full:.0f}, in {g.LOGPROB_CHUNK}-token chunks {chunked:.0f}"
+            f"  C = {C}: (N, C, V) fp32 logits at once {full:.0f}, "
+            f"in {g.LOGPROB_CHUNK}-token chunks {chunked:.0f}"
         )
     results["scoring_peak_mb"] = peaks
     runs = {}
@@ -425,7 +429,8 @@ def main(argv):
     json.dump(results, open(path, "w"), indent=1)
     load = ", ".join(f"{x:.2f}" for x in results["load_average_end"])
     print(
-        f"written to {path} ({results['seconds']:.0f} s; load average at the end {load}, {os.cpu_count()} CPUs)"
+        f"written to {path} ({results['seconds']:.0f} s; load average at the end {load}, "
+        f"{os.cpu_count()} CPUs)"
     )
 
 
