@@ -66,7 +66,8 @@ def open_image(img):
 
 
 def encode(processor, examples, style, max_pixels):
-    """Left-padded batch (I2); qwen-vl-utils sizes each image to multiples of patch * merge, <= max_pixels."""
+    """Left-padded batch (I2), never truncated: a prompt holds image tokens (I4); qwen-vl-utils sizes each
+    image to multiples of patch * merge, <= max_pixels."""
     images = []
     for ex in examples:
         for im in ex["images"]:

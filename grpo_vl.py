@@ -18,7 +18,7 @@ Deliberate simplifications:
  4. With mu > 1 every policy epoch uses the whole rollout batch (no minibatch shuffling, as the papers).
  5. Logged means over ranks are means of per-rank means (equal counts per rank); trajectories are rank 0's.
 The labels in comments (G1-G9 the GRPO equations, R1-R7 the rewards, P1-P4 the prompts, I1-I10 details
-peers got wrong) are indexes into README.md's "Labels" table; each line also says its formula and source.
+peers got wrong) are indexes into README.md's tables; each line also says its formula and its source.
 """
 
 import argparse
@@ -76,7 +76,7 @@ class Args:
     prompts_per_step: int = flag(8, "prompts per optimizer step, summed over all ranks")
     temperature: float = flag(1.0, "T: sampling temperature, applied to every log-prob too (G8)")
     max_new_tokens: int = flag(700, "cap on a completion's length during training")
-    ptst: str = flag("", "Vision-R1's PTST stages 'tokens:G:steps,...'; replaces the two flags above")
+    ptst: str = flag("", "Vision-R1's PTST stages 'tokens:G:steps,...' (for G, the cap, the steps)")
     lr: float = flag(1e-6, "RL learning rate (AdamW, no weight decay), decayed linearly to 0")
     beta: float = flag(0.04, "KL coefficient (G4); 0 loads no reference model")
     mu: int = flag(1, "policy epochs per rollout batch (G7); 1 = pi_old is pi_theta detached")

@@ -17,7 +17,8 @@ in bench.json.
 
 --quick runs every configuration with the fewest steps that still take every path (1 warm-up step + 1
 timed step, 2 of each kind for the vision-heavy run; 2 prompts, G = 2, 8 new tokens): the same table in
-about a minute, so tests/test_bench.py can keep this script working. Its figures mean nothing.
+a minute or so (74 s at load average 4 on 2 cores), so tests/test_bench.py can keep this script working;
+its figures mean nothing.
 """
 
 import contextlib

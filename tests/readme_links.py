@@ -1,5 +1,5 @@
 """Regenerate the line links of README.md: each `[LABEL](file#Ln)` points at the first line of `file` that
-contains its anchor text (below). Run: .venv/bin/python tests/readme_links.py  (test_readme checks them)."""
+contains its anchor text (below). Run: .venv/bin/python tests/readme_links.py  (test_train.py checks them)."""
 
 import os
 import re
@@ -18,6 +18,7 @@ ANCHORS = {  # label -> (file, text on the line); the line must also contain the
     "I1": ("grpo_vl.py", "(G8, I1)"),
     "I2": ("data.py", "batch (I2)"),
     "I3": ("grpo_vl.py", "(I3): one prompt's rows repeat"),
+    "I4": ("data.py", "(I4)"),
     "I5": ("grpo_vl.py", "VISION_TOKENS = ["),
     "I6": ("grpo_vl.py", "# I6"),
     "I7": ("grpo_vl.py", "# I7"),

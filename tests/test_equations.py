@@ -1,4 +1,4 @@
-"""Each GRPO equation (G2-G9, see the README's Labels) pinned to numbers computed by hand."""
+"""Each GRPO equation (G2-G9, README.md's "GRPO in one screen") pinned to numbers computed by hand."""
 
 import math
 

@@ -379,6 +379,7 @@ def test_readme_demo_command_is_the_demo_recipe(monkeypatch):
     # the paths demo.recipe's fixtures would have, without writing them
     monkeypatch.setattr(demo.tiny, "write", lambda folder, seed=0, **kw: folder)
     monkeypatch.setattr(demo.shapes, "write", lambda folder, *a, **kw: os.path.join(folder, "rows.jsonl"))
+    monkeypatch.setattr(g.os.path, "isdir", lambda path: path == "runs/demo-0/model" or os.path.isdir(path))
     recipe = demo.recipe("runs/demo-0", 0, quick=False)
     readme = open(os.path.join(ROOT, "README.md")).read()
     demo_section = readme.split("## The demo", 1)[1]
