@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ./run.sh test | demo | bench | mutants [extra flags]: creates .venv from requirements.txt when missing, then runs.
+# ./run.sh test | demo | bench | mutants [flags]: creates .venv from requirements.txt when missing, then runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
@@ -13,7 +13,7 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   test) exec .venv/bin/python -m pytest -q tests "$@" ;;
   demo) exec .venv/bin/python tests/demo.py "$@" ;;
-  bench) exec .venv/bin/python tests/bench.py ;;
+  bench) exec .venv/bin/python tests/bench.py "$@" ;;
   mutants) exec .venv/bin/python tests/mutants.py "$@" ;;
   *) echo "usage: ./run.sh test|demo|bench|mutants [flags]" >&2; exit 2 ;;
 esac

@@ -13,6 +13,7 @@ import tiny as fixtures
 import torch
 import transformers as tf
 
+import data
 import grpo_vl as g
 import rewards as R
 
@@ -244,26 +245,34 @@ def test_the_precision_and_checkpointing_flags_reach_the_model():
     assert not off.model.is_activation_checkpointing and off.ref is None  # beta 0: no reference
 
 
-def test_rollouts_give_each_micro_batch_its_own_completions_advantages(examples, monkeypatch, tmp_path):
-    """One generate() call per prompt (the KV cache of one group at a time): batch k holds prompt k's G
-    completions, and its "idx", their places k*G..(k+1)*G-1 among the rank's completions, is where
-    grpo_step reads each micro-batch's advantages (A[mb["idx"]], I8). An idx counted from 0 in every batch
-    would give every prompt's completions the first group's advantages."""
+@pytest.mark.parametrize("micro", [1, 3])
+def test_rollouts_give_each_micro_batch_its_own_completions_advantages(
+    examples, monkeypatch, tmp_path, micro
+):
+    """One generate() call per prompt (the KV cache of one group at a time): batch k holds prompt k encoded
+    once and its G completions, and its "idx", their places k*G..(k+1)*G-1 among the rank's completions, is
+    where grpo_step reads each micro-batch's advantages (A[mb["idx"]], I8). An idx counted from 0 in every
+    batch would give every prompt's completions the first group's advantages. A micro-batch is a slice of
+    one prompt's completions, never two prompts' (micro-batches of 1 cut every group; of 3 > G, one each)."""
     P, G = 3, 2
     flags = ["--num-generations", str(G), "--max-new-tokens", "6"]
     args, r = load(*flags)
     batches = g.rollout(r.model, examples[:P], args, r, seed=0)
-    own = [g.encode(r.processor, [ex], args)["input_ids"][0].tolist() for ex in examples[:P]]
+    style = g.PROMPT[args.variant]
+    own = [
+        data.encode(r.processor, [ex], style, args.max_pixels)["input_ids"][0].tolist() for ex in examples[:P]
+    ]
     assert len(batches) == P and len(set(map(tuple, own))) == P  # P calls; P different prompts
     assert torch.equal(torch.cat([b["idx"] for b in batches]), torch.arange(P * G))
     for k, b in enumerate(batches):
         assert b["idx"].tolist() == list(range(k * G, (k + 1) * G)), (k, b["idx"])
-        assert [ids[m.bool()].tolist() for ids, m in zip(b["input_ids"], b["attention_mask"])] == [own[k]] * G
+        assert b["prompt"]["input_ids"].tolist() == [own[k]]  # the prompt once, (1, L)
+        assert b["completion"].shape[0] == len(b["mask"]) == len(b["truncated"]) == G
 
-    # main: rewards that make each group's advantages different; micro-batches of 1 cut every batch
+    # main: rewards that make each group's advantages different
     rewards = iter([0.0, 1.0, 1.0, 0.0, 2.0, 2.0])  # A = -a, a, a, -a, 0, 0 (a = 1/sqrt(2))
-    advantages, given = [], []
-    real_advantages, real_loss = g.group_advantages, g.grpo_loss
+    advantages, given, scored = [], [], []
+    real_advantages, real_loss, real_logprobs = g.group_advantages, g.grpo_loss, g.token_logprobs
 
     def next_reward(text, ex, n_tokens=0):
         return next(rewards)
@@ -276,13 +285,28 @@ def test_rollouts_give_each_micro_batch_its_own_completions_advantages(examples,
         given.append(A)
         return real_loss(logp, old, ref, A, *rest)
 
+    def recording_logprobs(model, b, *rest):
+        if any(p.requires_grad for p in model.parameters()):  # the policy's forwards, not the reference's
+            scored.append((b["prompt"]["input_ids"].tolist(), b["idx"].tolist(), len(b["completion"])))
+        return real_logprobs(model, b, *rest)
+
     monkeypatch.setitem(R.REWARDS, "accuracy", next_reward)
     monkeypatch.setattr(g, "group_advantages", recording_advantages)
     monkeypatch.setattr(g, "grpo_loss", recording_loss)
+    monkeypatch.setattr(g, "token_logprobs", recording_logprobs)
     more = ["--data", fixtures.data_file(16), "--max-steps", "1", "--prompts-per-step", str(P)]
-    more += ["--micro-batch", "1", "--rewards", "accuracy", "--log-completions-every", "1"]
+    more += ["--micro-batch", str(micro), "--rewards", "accuracy", "--log-completions-every", "1"]
     g.main(fixtures.flags() + flags + more + ["--out", str(tmp_path / "idx")])
     ((A, _),) = advantages
     a = 2**-0.5
     assert torch.allclose(A, torch.tensor([-a, a, a, -a, 0, 0]), atol=1e-3), A
-    assert len(given) == P * G and torch.equal(torch.cat(given), A)  # micro-batch i: completion i's A
+    sizes = [1] * P * G if micro == 1 else [G] * P  # micro-batch i: completions i*micro.. of one prompt
+    assert [len(A_mb) for A_mb in given] == sizes and torch.equal(torch.cat(given), A)
+    # each micro-batch scores one prompt (one sequence, repeated for its completions); its completions are
+    # that prompt's group; different groups, different prompts
+    assert [(len(idx), n) for _, idx, n in scored] == [(s, s) for s in sizes]
+    prompt_of = {}
+    for prompt, idx, _ in scored:
+        assert len(prompt) == 1 and len({i // G for i in idx}) == 1, (len(prompt), idx)
+        assert prompt_of.setdefault(idx[0] // G, prompt) == prompt
+    assert len(prompt_of) == P and len({str(p) for p in prompt_of.values()}) == P

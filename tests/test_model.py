@@ -18,11 +18,11 @@ def encode(processor, exs, args):
     return data.encode(processor, exs, g.PROMPT[args.variant], args.max_pixels)
 
 
-def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0):
+def rollout_batch(tiny, exs, G, T=0.7, max_new=12, seed=0, variant="r1zero"):
     """G completions of each prompt of `exs`, sampled as rollout() samples: G copies of the prompt batch,
     so sequence i answers prompt i % len(exs), the layout token_logprobs scores."""
     model, processor, eos, banned = tiny
-    args = tiny_args("--temperature", str(T), "--max-new-tokens", str(max_new))
+    args = tiny_args("--variant", variant, "--temperature", str(T), "--max-new-tokens", str(max_new))
     prompt = encode(processor, exs, args)
     torch.manual_seed(seed)
     out = model.generate(  # as rollout() calls it: the plain-sampling settings are the model's (load_models)
@@ -101,6 +101,36 @@ def test_i3_copies_keep_each_sequence_with_its_own_image_rows(tiny, examples):
                 together[row][b["mask"][row].bool()],
                 atol=2e-4,
             )
+
+
+def test_i3_copies_of_a_prompt_of_two_images_keep_both_in_order(tiny, examples):
+    """A prompt of two images (the instruct prompt P2 has one slot per image) of different sizes: each of its
+    G copies holds both images' rows, first image first, and its grid rows in that order; the G completions
+    sampled from the copies are scored exactly as sampled (G8), and scoring one copy alone gives the same."""
+    model, processor, _, banned = tiny
+    args = tiny_args("--variant", "grpo")
+    ex = {**examples[1], "images": examples[1]["images"] + examples[2]["images"]}  # grids 6 x 8, then 8 x 8
+    prompt = encode(processor, [ex], args)
+    firsts = [encode(processor, [e], args)["pixel_values"] for e in (examples[1], examples[2])]
+    assert prompt["image_grid_thw"].tolist() == [[1, 6, 8], [1, 8, 8]]
+    assert torch.equal(prompt["pixel_values"], torch.cat(firsts))  # the prompt's rows: image 1, image 2
+    G = 3
+    three = g.copies(prompt, G, torch.device("cpu"))
+    pixels = three["pixel_values"].split(three["image_grid_thw"].prod(-1).tolist())  # one block per image
+    assert len(pixels) == 2 * G and three["image_grid_thw"].tolist() == [[1, 6, 8], [1, 8, 8]] * G
+    for i in range(G):
+        assert torch.equal(three["input_ids"][i], prompt["input_ids"][0])
+        assert torch.equal(pixels[2 * i], firsts[0]) and torch.equal(pixels[2 * i + 1], firsts[1]), i
+    b, scores, args = rollout_batch(tiny, [ex], G=G, max_new=16, variant="grpo")
+    sampled = scores.log_softmax(-1).gather(-1, b["completion"][..., None]).squeeze(-1)  # (G, C)
+    with torch.no_grad():
+        scored = g.token_logprobs(model, b, args.temperature, banned, torch.device("cpu"))
+        one = {"prompt": prompt, "completion": b["completion"][2:], "mask": b["mask"][2:]}
+        alone = g.token_logprobs(model, one, args.temperature, banned, torch.device("cpu"))
+    m = b["mask"].bool()
+    assert m.sum() > 10 and len({tuple(c.tolist()) for c in b["completion"]}) == G  # G different samples
+    assert torch.allclose(scored[m], sampled[m], atol=2e-4), (scored[m] - sampled[m]).abs().max()
+    assert torch.allclose(alone[0][m[2]], scored[2][m[2]], atol=2e-4)
 
 
 def test_from_pretrained_on_a_saved_folder(tiny, examples, tmp_path):
