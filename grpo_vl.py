@@ -504,9 +504,12 @@ def fail(message):
 def load_data(spec, split, args, max_rows=0, sft=False):
     """data.load_examples, before any model is loaded: any mistake in the data is one line, exit 2."""
     try:
-        return data.load_examples(spec, split, args.seed, args.skip_bad_rows, max_rows, sft)
+        exs = data.load_examples(spec, split, args.seed, args.skip_bad_rows, max_rows, sft)
     except (ValueError, OSError) as e:
         fail(e)
+    if PROMPT[args.variant] == "base" and (bad := [ex for ex in exs if len(ex["images"]) != 1]):
+        fail(f"data set {spec!r}, row {bad[0]['row']}: {len(bad[0]['images'])} images; P1 has one image slot")
+    return exs
 
 
 # ------------------------------------------------------------------ processes and models (FSDP2, I9)

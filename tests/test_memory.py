@@ -1,5 +1,5 @@
 """What a GPU run does differently, exercised on CPU: gradient checkpointing, bf16 compute over fp32 master
-weights, the reference resharded after its forwards; and the README's memory arithmetic, checked."""
+weights, the reference resharded after its forwards; and the memory arithmetic of tests/README.md, checked."""
 
 import json
 import math
@@ -117,7 +117,7 @@ def test_bf16_run_trains_with_fp32_master_weights(tmp_path, ranks):
     assert moved > 1e-4, moved
 
 
-# ---------------------------------------------------------------------------- the README's arithmetic
+# ---------------------------------------------------------------------- the arithmetic of tests/README.md
 QWEN2_VL_2B = tf.Qwen2VLConfig(  # the hub config's numbers (Qwen/Qwen2-VL-2B)
     text_config=dict(
         vocab_size=151936,
@@ -190,14 +190,14 @@ def per_gpu_gb(model, sequences, new_tokens, micro_batch, generates=True, checkp
     return (states + reference + max(rollout, update)) / 1e9
 
 
-RUNS = {  # README row -> (model, sequences per rank, new tokens, micro-batch, generates) at the defaults
-    "r1zero, grpo: RL": ("Qwen2-VL-2B", 8 // 4 * 8, 700, 8, True),
+RUNS = {  # row -> (model, sequences per rank at once: G in a rollout, new tokens, micro-batch, generates)
+    "r1zero, grpo: RL": ("Qwen2-VL-2B", 8, 700, 8, True),
     "stepgrpo: warm-up SFT": ("Qwen2-VL-2B", 128 // 4, 1024, 8, False),
-    "stepgrpo: RL": ("Qwen2-VL-2B", 4 // 4 * 4, 1024, 8, True),
+    "stepgrpo: RL": ("Qwen2-VL-2B", 4, 1024, 8, True),
     "vision-r1: cold-start SFT": ("Qwen2.5-VL-7B", 32 // 4, 4096, 2, False),
-    "vision-r1: PTST stage 1": ("Qwen2.5-VL-7B", 8 // 4 * 16, 4096, 2, True),
-    "vision-r1: PTST stage 2": ("Qwen2.5-VL-7B", 8 // 4 * 8, 8192, 2, True),
-    "vision-r1: PTST stage 3 (optional)": ("Qwen2.5-VL-7B", 8 // 4 * 4, 16384, 2, True),
+    "vision-r1: PTST stage 1": ("Qwen2.5-VL-7B", 16, 4096, 2, True),
+    "vision-r1: PTST stage 2": ("Qwen2.5-VL-7B", 8, 8192, 2, True),
+    "vision-r1: PTST stage 3 (optional)": ("Qwen2.5-VL-7B", 4, 16384, 2, True),
 }
 
 
@@ -209,17 +209,17 @@ def test_parameter_counts_of_the_real_architectures(name, config):
     with torch.device("meta"):  # the real shapes, no memory
         model = cls(config)
     assert sum(p.numel() for p in model.parameters()) == MODELS[name]["params"]
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "tests", "README.md")).read()  # the memory section
     assert f"{name} ({MODELS[name]['params'] / 1e9:.2f} B parameters" in readme
 
 
 def test_readme_memory_table_is_the_arithmetic_and_every_run_fits_80_gb():
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "tests", "README.md")).read()  # the memory section
     for name, (model, sequences, tokens, micro, generates) in RUNS.items():
         gb = per_gpu_gb(model, sequences, tokens, micro, generates)
         without = per_gpu_gb(model, sequences, tokens, micro, generates, checkpointing=False)
         row = f"| {name} | {model} | {sequences} | {tokens:,} | {micro} | {gb:.1f} GB | {without:.1f} GB |"
-        assert row in readme, f"README memory table is out of date; expected:\n{row}"
+        assert row in readme, f"tests/README.md memory table is out of date; expected:\n{row}"
         assert gb < 80, name
     # the variant defaults the table assumes
     assert re.search(
