@@ -557,7 +557,7 @@ def load_models(args, rank, world, device, mesh):
     try:
         model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
         processor = tf.AutoProcessor.from_pretrained(args.model)
-    except OSError as e:  # not a model folder, or a hub id that is neither cached nor reachable
+    except (OSError, ValueError) as e:  # not a model folder, or a hub id neither cached nor reachable
         fail(f"--model {args.model!r}: cannot load it ({str(e).splitlines()[0]})")
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])  # what ends a completion (G9)

@@ -347,6 +347,20 @@ MUTANTS = [
         "k = 1  # the prompt's images",
         VS,
     ),
+    Mutant(
+        "vision sharing: a multi-image prompt's encodings handed over in reverse order",
+        "grpo_vl.py",
+        "out.pooler_output = list(out.pooler_output) * n",
+        "out.pooler_output = list(out.pooler_output)[::-1] * n",
+        VS,
+    ),
+    Mutant(
+        "vision sharing: the one encoding detached (no gradient into the vision tower)",
+        "grpo_vl.py",
+        "out.pooler_output = list(out.pooler_output) * n",
+        "out.pooler_output = [p.detach() for p in out.pooler_output] * n",
+        VS,
+    ),
     # ---- memory: bf16, gradient checkpointing, resharding
     Mutant(
         "bf16: --precision bf16 ignored off GPU",

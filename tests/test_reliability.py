@@ -150,13 +150,18 @@ def test_bad_flags_exit_2_before_loading_a_model(argv, env, message, capsys, mon
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model", ["/no/such/folder", "./relative/nothing"])
+@pytest.mark.parametrize("model", ["/no/such/folder", "./relative/nothing", "empty"])
 def test_a_model_that_cannot_load_exits_2_with_one_line(model, tmp_path, capsys):
-    """A --model that is no folder (and no hub id) ends the run with one line naming it, exit 2."""
+    """A --model that is no folder and no hub id is a flag error; a folder that holds no model ends the run
+    with one line naming it. Exit 2 either way, before any training."""
+    if model == "empty":
+        model = str(tmp_path / "empty")
+        os.makedirs(model)
     with pytest.raises(SystemExit) as e:
         g.main(tiny_flags(16, f"--model {model} --out {tmp_path / 'o'}"))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and f"--model {model!r}: cannot load it" in err and len(err.splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    why = "cannot load it" if model.endswith("empty") else "no such folder, and not a hub id"
+    assert e.value.code == 2 and f"error: --model {model!r}: {why}" in err[-1], err
 
 
 def test_bad_data_flag_exits_2_with_the_row(tmp_path, capsys):
