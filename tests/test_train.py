@@ -387,3 +387,15 @@ def test_readme_demo_command_is_the_demo_recipe(monkeypatch):
     shown = block.replace("\\\n", " ").split()
     steps = g.parse_args(recipe).max_steps
     assert g.parse_args(shown) == g.parse_args(recipe + ["--eval-every", str(steps)])
+
+
+def test_a_run_whose_groups_stay_flat_says_why_once(tmp_path, capsys):
+    """A random model never earns R1 or R2: every group's rewards are equal, every advantage 0. After 10 such
+    steps in a row the run says so, once, with the cause and the flag that helps."""
+    flags = "--max-new-tokens 4 --prompts-per-step 2 --num-generations 2 --max-steps 12 --beta 0"
+    g.main(tiny_flags(16, f"{flags} --out {tmp_path / 'flat'}"))
+    out = capsys.readouterr().out
+    steps = [json.loads(line) for line in open(tmp_path / "flat" / "metrics.jsonl")]
+    assert [s["frac_zero_std"] for s in steps] == [1.0] * 12
+    assert out.count("every group's rewards were equal") == 1 and "--sft-data with --sft-epochs" in out
+    assert out.index("step 10/12") < out.index("every group's rewards were equal") < out.index("step 11/12")
