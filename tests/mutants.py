@@ -27,6 +27,7 @@ RW = "test_rewards.py::test_"
 STEP = "test_stepgrpo.py::test_"
 VR1 = "test_vision_r1.py::test_"
 G8 = "test_model.py::test_g8_scoring_logprobs_equal_sampling_distribution"
+G8_SAMPLING = "test_model.py::test_rollout_samples_at_the_flag_temperature"
 I8 = "test_train.py::test_i8_each_completion_is_generated_scored_and_rewarded_with_its_own_prompt"
 RESUME = (
     "test_reliability.py::test_resume_after_sigkill_is_bitwise_identical "
@@ -124,7 +125,7 @@ MUTANTS = [
         "grpo_vl.py",
         "temperature=args.temperature,",
         "temperature=1.0,",
-        G8,
+        G8_SAMPLING,
     ),
     Mutant(
         "G9 EOS left out of the mask",

@@ -1,6 +1,8 @@
 """The tiny Qwen2-VL: scoring log-probs equal sampling log-probs (G8), batching of images (I3), banned
 vision tokens (I5), loading from a saved folder."""
 
+from types import SimpleNamespace
+
 import torch
 from conftest import tiny_run
 
@@ -63,6 +65,20 @@ def test_g8_scoring_logprobs_equal_sampling_distribution(tiny, examples):
     with torch.no_grad():
         wrong = g.token_logprobs(model, b, 1.0, banned, torch.device("cpu"))
     assert (wrong[m] - sampled[m]).abs().max() > 1e-2
+
+
+def test_rollout_samples_at_the_flag_temperature(tiny, examples):
+    """rollout() hands --temperature to generate(): at T = 1e-4 its samples are the greedy completions; at
+    T = 1 the same seed samples others (a random model's distribution is nearly flat)."""
+    model, processor, eos, banned = tiny
+    run = SimpleNamespace(processor=processor, eos=eos, device=torch.device("cpu"))
+    args = tiny_args("--temperature", "1e-4", "--max-new-tokens", "12", "--num-generations", "4")
+    prompt = g.copies(encode(processor, [examples[1]], args), 4, torch.device("cpu"))
+    greedy = model.generate(**prompt, do_sample=False, max_new_tokens=12)[:, prompt["input_ids"].shape[1] :]
+    (cold,) = g.rollout(model, [examples[1]], args, run, seed=5)
+    assert torch.equal(cold["completion"], greedy)
+    (hot,) = g.rollout(model, [examples[1]], g.replace(args, temperature=1.0), run, seed=5)
+    assert not torch.equal(hot["completion"], greedy)
 
 
 def test_i5_vision_tokens_are_never_sampled(tiny, examples):
