@@ -13,6 +13,7 @@ Any flag of grpo_vl.py given to ./run.sh demo overrides the recipe below; --seed
 with seed N. --quick runs a few steps of each phase (what the tests run).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -63,8 +64,11 @@ def recipe(out, seed, quick):
 def main(argv):
     quick = "--quick" in argv
     argv = [a for a in argv if a != "--quick"]
-    given = g.parse_args(argv + ["--data", "-"])  # only to read --out and --seed
-    out = given.out if "--out" in argv else f"runs/demo-{given.seed}"
+    first = argparse.ArgumentParser(add_help=False)  # --seed and --out decide the fixtures' folders
+    first.add_argument("--seed", type=int, default=0)
+    first.add_argument("--out")
+    given = first.parse_known_args(argv)[0]
+    out = given.out or f"runs/demo-{given.seed}"
     flags = recipe(out, given.seed, quick) + argv
     steps = g.parse_args(flags).max_steps
     g.main(flags + ["--eval-every", str(steps)])  # evaluates at step 0 (the start of RL) and at the end
