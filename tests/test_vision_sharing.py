@@ -119,6 +119,24 @@ def assert_same_step(with_sharing, without, masks):
     assert len(vision) > 10 and sum(grads_b[k].abs().sum() for k in vision) > 1e-3
 
 
+def rollouts_and_steps_agree(model, ref, exs, args, run, device):
+    """Greedy rollouts of `exs` with vision sharing and without are the same, and so are the two GRPO steps
+    scored on them (log-probs and gradients). Returns the rollout batches."""
+    rollouts = []
+    for on in (True, False):
+        with vision_sharing(on):
+            rollouts.append(g.rollout(model, exs, args, run, seed=0))
+    assert len(rollouts[0]) == len(rollouts[1]) == len(exs)
+    for a, b in zip(*rollouts):
+        assert torch.equal(a["completion"], b["completion"]), (a["completion"], b["completion"])
+    steps = []
+    for on in (True, False):
+        with vision_sharing(on):
+            steps.append(scored_step(model, ref, rollouts[0], run.banned, device))
+    assert_same_step(*steps, [b["mask"] for b in rollouts[0]])
+    return rollouts[0]
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-2.5"])
 def test_sharing_changes_no_completion_log_prob_or_gradient(name, examples, monkeypatch):
     """Two prompts under the instruct prompt (P2: one image slot per image), G = 4: one of one image, one of
@@ -134,21 +152,9 @@ def test_sharing_changes_no_completion_log_prob_or_gradient(name, examples, monk
     pair = data.encode(processor, exs[1:], g.PROMPT[args.variant], args.max_pixels)
     assert pair["image_grid_thw"].tolist() == [[1, 6, 8]] * 2
     assert not torch.equal(*pair["pixel_values"].chunk(2))  # two different images
-    rollouts = []
-    for on in (True, False):
-        with vision_sharing(on):
-            rollouts.append(g.rollout(model, exs, args, run, seed=0))
-    assert len(rollouts[0]) == len(rollouts[1]) == 2
-    for a, b in zip(*rollouts):
-        assert torch.equal(a["completion"], b["completion"])
-    batches = rollouts[0]
+    batches = rollouts_and_steps_agree(model, ref, exs, args, run, CPU)
     assert [len(b["prompt"]["image_grid_thw"]) for b in batches] == [1, 2]  # each prompt encoded once
     assert all(b["mask"].sum() > G * 4 for b in batches)  # the completions have some length
-    steps = []
-    for on in (True, False):
-        with vision_sharing(on):
-            steps.append(scored_step(model, ref, batches, run.banned, CPU))
-    assert_same_step(*steps, [b["mask"] for b in batches])
     # each prompt's prefill (its 1 or 2 images, or G copies of them), then the policy's forward of each
     # prompt's batch (the reference has no hook): the prompt's images once, or G times
     assert seen == [1, 2, G, 2 * G, 1, 2, G, 2 * G], seen

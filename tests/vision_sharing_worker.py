@@ -17,13 +17,11 @@ import grpo_vl as g  # noqa: E402
 import tiny  # noqa: E402
 from test_vision_sharing import (  # noqa: E402
     G,
-    assert_same_step,
     count_images,
     load,
     perturbed,
-    scored_step,
+    rollouts_and_steps_agree,
     two_images,
-    vision_sharing,
 )
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
@@ -42,18 +40,7 @@ for name in ("tiny", "tiny-2.5"):
     g.shard(model, mesh, cpu, bf16=False)
     g.shard(ref, mesh, cpu, bf16=False)
     seen = count_images(model)
-    rollouts = []
-    for on in (True, False):
-        with vision_sharing(on):
-            rollouts.append(g.rollout(model, exs, args, run, seed=0))
-    for a, b in zip(*rollouts):
-        assert torch.equal(a["completion"], b["completion"]), (a["completion"], b["completion"])
-    batches = rollouts[0]
-    steps = []
-    for on in (True, False):
-        with vision_sharing(on):
-            steps.append(scored_step(model, ref, batches, run.banned, cpu))
-    assert_same_step(*steps, [b["mask"] for b in batches])
+    rollouts_and_steps_agree(model, ref, exs, args, run, cpu)
     # each prompt's greedy prefill, then the policy's forward of each prompt's batch: once, or G times
     assert seen == [1, 2, G, 2 * G, 1, 2, G, 2 * G], seen
     print(f"rank {rank} {name}: equal, tower images {seen}", flush=True)
