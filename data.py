@@ -94,6 +94,7 @@ def sft_target(ex, style):
 
 # --------------------------------------------------------------------------- the schemas
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: a data set (or a model) on the hub
 
 
 class Row(dict):
@@ -153,6 +154,7 @@ def from_plain(row, folder):
     choices = from_json(row.get("choices")) or None
     if choices is not None and not (isinstance(choices, list) and len(choices) <= 26):
         raise ValueError("expected a list of at most 26 options")
+    choices = [str(c) for c in choices] if choices else None  # the options as text, once
     solution = row.get("solution")
     if not isinstance(solution, (str, type(None))):
         raise ValueError(f"expected text, not {type(solution).__name__}")
@@ -162,11 +164,11 @@ def from_plain(row, folder):
     if not str(answer or "").strip():
         raise ValueError(f"no answer (nor a '{FINAL}' line in a solution)")
     answer = str(answer).strip()
-    if choices and answer not in [str(c) for c in choices]:  # then it is a letter: "B" or "(B)"
+    if choices and answer not in choices:  # then it is a letter: "B" or "(B)"
         letter = answer.strip("() ").upper()
         if len(letter) != 1 or LETTERS.find(letter) not in range(len(choices)):
             raise ValueError(f"{answer!r} is neither one of the choices nor the letter of one")
-        answer = str(choices[LETTERS.index(letter)])
+        answer = choices[LETTERS.index(letter)]
     if choices and f"(A) {choices[0]}" not in question:  # list them as CV-Bench does, unless it does already
         question = with_choices(question, choices)
     steps = from_json(row.get("key_steps")) or {}
@@ -175,7 +177,7 @@ def from_plain(row, folder):
         images=images,
         question=question,
         answer=answer,
-        choices=[str(c) for c in choices] if choices else None,
+        choices=choices,
         task=row.get("task") or "untagged",
         source=row.get("source"),
         solution=solution,
@@ -247,7 +249,7 @@ def read_rows(spec, split):
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is reported in one line
     if os.path.isfile(spec):
         ds = datasets.load_dataset(ext[1:], data_files=spec)
-    elif os.path.isdir(spec) or (not os.path.splitext(spec)[1] and re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
+    elif os.path.isdir(spec) or (not ext and HUB_ID.fullmatch(spec)):
         ds = datasets.load_dataset(spec)
     else:
         raise ValueError("no such file or folder")

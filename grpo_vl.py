@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -458,7 +457,7 @@ def parse_args(argv=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.prompts_per_step % world or args.sft_batch % world:
         p.error(f"--prompts-per-step and --sft-batch must divide by the {world} ranks")
-    if not os.path.isdir(args.model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
+    if not os.path.isdir(args.model) and not data.HUB_ID.fullmatch(args.model):
         p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
     if not (args.data or args.eval or args.sft_only):
         p.error(f"--variant {args.variant} needs --data (its RL rows)")
