@@ -310,7 +310,7 @@ def grpo_step(step, exs, args, stage_args, run):
             loss_sum += loss.item()
             kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
             clip_frac += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
-        grad_norm = clip_and_step(run.params, run.opt)
+        grad_norm = clip_and_step(run.opt)
     lr = run.opt.param_groups[0]["lr"]
     run.sched.step()
     # ---- 6. statistics. kl, clip_frac and loss are the last policy epoch's. At mu = 1 the loss is about
@@ -383,8 +383,8 @@ def main(argv=None):
     run.rewards = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms
     if args.length_bonus:
         run.rewards["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)  # R3
-    run.params = [p for p in run.model.parameters() if p.requires_grad]
-    run.opt = torch.optim.AdamW(run.params, lr=args.lr, weight_decay=0.0)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]  # not the frozen parts (--freeze)
+    run.opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: 1 - s / steps)  # 1 -> 0, linearly
     log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(run.rewards)}")
     if in_rl:
@@ -679,8 +679,8 @@ def sft(exs, args, run, record, progress):
     a rollout-shaped batch, scored exactly as RL scores a completion; the prompt is RL's prompt."""
     n = args.sft_batch
     steps = args.sft_epochs * max(len(exs) // n, 1)
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
     warm = max(1, round(args.sft_warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(warmup_cosine, warm=warm, steps=steps))
     order = data_order(len(exs), steps * n, args.seed)
@@ -704,7 +704,7 @@ def sft(exs, args, run, record, progress):
                 nll = -(logp * mb["mask"].to(run.device)).sum() / n_tok  # -1/N sum_t log p(y_t | x, y_<t)
             nll.backward()
             loss += nll.item()
-        grad_norm = clip_and_step(params, opt)
+        grad_norm = clip_and_step(opt)
         lr = opt.param_groups[0]["lr"]
         sched.step()
         loss = over_ranks({"loss": loss}, run.device)["loss"]
@@ -739,9 +739,10 @@ def warmup_cosine(s, warm, steps):
     return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
 
 
-def clip_and_step(params, opt):
-    """Clip the gradient norm, then step -- unless it is not finite: then stop; the last checkpoint stays."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+def clip_and_step(opt):
+    """Clip the gradient norm of the optimizer's (trainable) parameters, then step -- unless the norm is not
+    finite: then stop; the last checkpoint stays."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     grad_norm = grad_norm.item()
