@@ -1,14 +1,12 @@
-"""Data: the prompts (P1-P4), and the data sets, each row turned into one example:
-{"images": [PIL / path / URL / bytes], "question", "answer": the gold text (None for a chat row), "choices":
-[option texts] or None, "task", "source", "row"}, plus "solution" and "key_steps" (step-wise rows, R4) or
-"target" (a chat row's reply, for SFT). Any mistake in a data set is one ValueError line naming the data
-set and the row and column, or the JSON line.
-"""
+"""Data: the prompts (P1-P4), and the data sets, each row turned into one example: {"images": [PIL / path /
+URL / bytes], "question", "answer": the gold text (None for a chat row), "choices": [option texts] or None,
+"task", "source", "row"}, plus "solution" and "key_steps" (step-wise rows, R4) or "target" (a chat row's
+reply, for SFT). Any mistake in a data set is one ValueError line naming the data set and the row and
+column, or the JSON line."""
 
 import collections
 import functools
 import io
-import itertools
 import json
 import os
 import random
@@ -18,7 +16,7 @@ import pyarrow.compute as pc
 from PIL import Image
 from qwen_vl_utils import fetch_image
 
-from rewards import FINAL  # "### The final answer is:", P3's last section, read by R4 and R5
+from rewards import FINAL, step_answer  # "### The final answer is:", P3's last section (R4, R5)
 
 # --------------------------------------------------------------------------- prompts (P1-P4)
 # P1: VisualThinker-R1-Zero's base-model prompt (arXiv 2503.05132; make_conversation_sat in its released
@@ -53,9 +51,8 @@ def prompt_text(ex, style, processor):
     style = "plain" if ex.get("target") else style
     text = {"instruct": ex["question"] + P2, "step": P3 + ex["question"]}.get(style, ex["question"])
     content = [{"type": "image"} for _ in ex["images"]] + [{"type": "text", "text": text}]
-    return processor.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def open_image(img):
@@ -92,15 +89,12 @@ def sft_target(ex, style):
     return ("" if style == "base" else "<think>") + f"{reasoning}</think><answer>{answer.strip()}</answer>"
 
 
-# --------------------------------------------------------------------------- the schemas
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: a data set (or a model) on the hub
 
 
 class Row(dict):
     """A data row that remembers the column read last: an error while reading the row names that column."""
-
-    column = "row"
 
     def __getitem__(self, column):
         self.column = column
@@ -114,10 +108,10 @@ class Row(dict):
 def images_of(row, folder):
     """The row's images, each one's header read now so that an unreadable image is named at load time; a
     relative path (no http:, file:, data:) starts at the data file's folder."""
-    column = next((c for c in ("images", "image_path", "image_bytes", "image") if row.get(c)), None)
-    if column is None:
+    images = row.get("images") or row.get("image_path") or row.get("image_bytes") or row.get("image")
+    if not images:
         raise ValueError("no image (looked in 'images', 'image', 'image_path')")
-    images = list(row[column]) if isinstance(row[column], list) else [row[column]]
+    images = list(images) if isinstance(images, list) else [images]
     for k, im in enumerate(images):
         if isinstance(im, str) and not re.match(r"\w+:", im):
             images[k] = im = os.path.join(folder, im)
@@ -140,30 +134,28 @@ def question_of(text, images):
 
 
 def from_json(value):
-    """A list or dict column as it is, or as the JSON text a CSV cell holds."""
+    """A list or dict column as it is, or as the JSON text a CSV cell or a JSON export holds."""
     return json.loads(value) if isinstance(value, str) and value.strip() else value
 
 
 def from_plain(row, folder):
-    """Plain rows (CV-Bench; step-wise CoT and math RL rows are plain rows with more columns): an image, a
-    question (prompt, question or problem), the gold answer (or the line after a solution's FINAL),
-    optional choices (the answer may be an option or its letter), a solution and R1-VL's key_steps
-    {"Steps": [[forms of step 1], ...]} (a step given as a string is one form)."""
+    """Plain rows (CV-Bench; step-wise CoT and math RL rows have more columns): the gold is the answer (an
+    option or its letter), else the line after FINAL; key_steps (R1-VL): {"Steps": [[forms], ...]}."""
     images = images_of(row, folder)
     question = question_of(str(row.get("prompt") or row.get("question") or row["problem"]), images)
-    choices = from_json(row.get("choices")) or None
-    if choices is not None and not (isinstance(choices, list) and len(choices) <= 26):
+    choices = from_json(row.get("choices")) or []
+    if not isinstance(choices, list) or len(choices) > 26:
         raise ValueError("expected a list of at most 26 options")
-    choices = [str(c) for c in choices] if choices else None  # the options as text, once
+    choices = [str(c) for c in choices] or None  # the options as text, once
     solution = row.get("solution")
     if not isinstance(solution, (str, type(None))):
         raise ValueError(f"expected text, not {type(solution).__name__}")
     answer = row.get("answer")
-    if answer is None and FINAL in (solution or ""):  # step-wise CoT rows
-        answer = solution.rpartition(FINAL)[2].strip().partition("\n")[0]
-    if not str(answer or "").strip():
+    if answer is None:  # step-wise CoT rows
+        answer = step_answer(solution or "")
+    answer = str(answer or "").strip()
+    if not answer:
         raise ValueError(f"no answer (nor a '{FINAL}' line in a solution)")
-    answer = str(answer).strip()
     if choices and answer not in choices:  # then it is a letter: "B" or "(B)"
         letter = answer.strip("() ").upper()
         if len(letter) != 1 or LETTERS.find(letter) not in range(len(choices)):
@@ -173,16 +165,9 @@ def from_plain(row, folder):
         question = with_choices(question, choices)
     steps = from_json(row.get("key_steps")) or {}
     steps = [[forms] if isinstance(forms, str) else list(forms) for forms in steps.get("Steps") or []]
-    return dict(
-        images=images,
-        question=question,
-        answer=answer,
-        choices=choices,
-        task=row.get("task") or "untagged",
-        source=row.get("source"),
-        solution=solution,
-        key_steps=steps,
-    )
+    task = row.get("task") or "untagged"
+    ex = dict(images=images, question=question, answer=answer, choices=choices, task=task)
+    return {**ex, "source": row.get("source"), "solution": solution, "key_steps": steps}
 
 
 def with_choices(question, choices):
@@ -211,24 +196,24 @@ def from_chat(row, folder):
 
 
 def from_sat(row, folder, rng):
-    """SAT (array/SAT, r1zero's data): the options shuffled with a seeded RNG and named in the question; the
-    gold is the answer's text."""
+    """SAT (array/SAT, r1zero's data): options shuffled (seeded) and named in the question; gold: the text."""
     options = rng.sample(list(row["answers"]), len(row["answers"]))
     answer = str(row["correct_answer"])
     if answer not in [str(o) for o in options]:
         raise ValueError(f"{answer!r} is not one of the answers")
     q = f"{row['question']} Choose between the following options: {', '.join(options[:-1])} or {options[-1]}"
-    return dict(
-        images=images_of(row, folder), question=q, answer=answer, choices=None, task="SAT", source="SAT"
-    )
+    images = images_of(row, folder)
+    return dict(images=images, question=q, answer=answer, choices=None, task="SAT", source="SAT")
 
 
-# --------------------------------------------------------------------------- loading
 def read_rows(spec, split):
     """A .json/.jsonl file, parsed here (an error names its line; rows need not agree on their columns'
     types), or a .parquet/.csv file, a data set folder or a hub id, through datasets (memory-mapped)."""
     ext = os.path.splitext(spec)[1]
-    if ext in (".json", ".jsonl") and os.path.isfile(spec):
+    is_file = os.path.isfile(spec)
+    if not (is_file or os.path.isdir(spec) or (not ext and HUB_ID.fullmatch(spec))):
+        raise ValueError("no such file or folder")
+    if is_file and ext in (".json", ".jsonl"):
         text = open(spec, encoding="utf-8").read()
         listed = text.lstrip().startswith("[")  # a JSON list, else JSON Lines
         try:
@@ -241,18 +226,13 @@ def read_rows(spec, split):
             return rows
         except json.JSONDecodeError as e:
             raise ValueError(f"line {e.lineno if listed else n}: not valid JSON ({e.msg})") from None
-    if os.path.isfile(spec) and ext not in (".parquet", ".csv"):
+    if is_file and ext not in (".parquet", ".csv"):
         raise ValueError("expected a .json, .jsonl, .parquet or .csv file")
     import datasets  # imported here: a JSON data set starts fast
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is reported in one line
-    if os.path.isfile(spec):
-        ds = datasets.load_dataset(ext[1:], data_files=spec)
-    elif os.path.isdir(spec) or (not ext and HUB_ID.fullmatch(spec)):
-        ds = datasets.load_dataset(spec)
-    else:
-        raise ValueError("no such file or folder")
+    ds = datasets.load_dataset(ext[1:], data_files=spec) if is_file else datasets.load_dataset(spec)
     if split not in ds and len(ds) > 1:  # never evaluate on the training split by mistake
         raise ValueError(f"no {split!r} split (it has {', '.join(ds)})")
     return ds[split] if split in ds else ds[next(iter(ds))]  # the asked split, else the only one
@@ -265,10 +245,9 @@ def one_line(e):
 
 
 def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
-    """A .json/.jsonl/.parquet/.csv file, a data set folder or a hub id -> examples. Only the rows used are
-    read (SAT's single-image ones; a seeded sample of max_rows, 0: all), their images only when batched. A
-    row must hold an answer to reward (a chat row is SFT data). A bad row stops the load, or with skip_bad
-    is skipped and counted."""
+    """A .json/.jsonl/.parquet/.csv file, a data set folder or a hub id -> examples, reading only the rows
+    used (SAT's single-image ones; a seeded sample of max_rows, 0: all), their images only when batched. A bad
+    row (for RL, one with no answer: a chat row) stops the load, or with skip_bad is skipped and counted."""
     try:
         rows = read_rows(spec, split)
         columns = set().union(*rows) if isinstance(rows, list) else set(rows.column_names)
@@ -276,7 +255,6 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
         e = e.__cause__ or e  # what went wrong inside datasets' generic wrapper
         raise ValueError(f"data set {spec!r}: {one_line(e)}") from None
     keep = list(range(len(rows)))
-    folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
     if "image_bytes" in columns:  # SAT: r1zero trains on its single-image rows
         adapter = functools.partial(from_sat, rng=random.Random(seed))
         if isinstance(rows, list):
@@ -302,11 +280,11 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
         rows = [rows[i] for i in keep]
     else:  # only the kept rows are read, a batch at a time, images as stored ({"bytes", "path"}), undecoded
         batches = rows.select(keep).with_format("arrow").iter(256)
-        rows = itertools.chain.from_iterable(batch.to_pylist() for batch in batches)
+        rows = (row for batch in batches for row in batch.to_pylist())
+    folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
     out = []
     skipped = collections.Counter()
-    for i, row in zip(keep, rows):
-        row = Row(row)
+    for i, row in zip(keep, map(Row, rows)):
         try:  # whatever is wrong with a row ends here, named by its column
             ex = adapter(row, folder)
             if ex["answer"] is None and not sft:

@@ -5,20 +5,11 @@ group of G completions o_1..o_G; score each with rule-based rewards; the advanta
 o_i's reward standardised within its group, so no value network is needed; then maximise PPO's clipped
 objective minus beta times an estimate of the KL divergence to the frozen starting model.
 
-Run it (README.md has a laptop run on a tiny model, and the real recipes):
     python grpo_vl.py --variant r1zero                                                # one GPU
     torchrun --nproc_per_node=4 grpo_vl.py --variant stepgrpo --data D --sft-data S   # 4 GPUs, FSDP2
-    python grpo_vl.py --eval --model runs/grpo/checkpoint --eval-data nyu-visionx/CV-Bench
 
-Deliberate simplifications:
- 1. Rollouts use transformers' generate (KV cache) with the FSDP parameters gathered once per rollout, not
-    a separate inference engine (vLLM): slower, but one model and one set of weights, nothing to sync.
- 2. One generate() call per prompt (its G completions), so sampling does not depend on the rank count.
- 3. Every rank loads the full model on CPU before sharding: host RAM = ranks x model size.
- 4. With mu > 1 every policy epoch uses the whole rollout batch (no minibatch shuffling, as the papers).
- 5. Logged means over ranks are means of per-rank means (equal counts per rank); trajectories are rank 0's.
-The labels in comments (G1-G9 the GRPO equations, R1-R7 the rewards, P1-P4 the prompts, I1-I10 details
-peers got wrong) are indexes into README.md's tables; each line also says its formula and its source.
+Labels in comments (G1-G9 the GRPO equations, R1-R7 the rewards, P1-P4 the prompts, I1-I10 details peers got
+wrong) index README.md's tables, which also list what this code simplifies; each line says its formula.
 """
 
 import argparse
@@ -65,7 +56,7 @@ class Args:
 
     variant: str = flag("r1zero", "the recipe (r1zero, grpo, stepgrpo, vision-r1): sets the other defaults")
     model: str = flag("Qwen/Qwen2-VL-2B", "a Qwen2-VL / Qwen2.5-VL hub id or model folder")
-    data: str = flag("array/SAT", "RL data: a hub id, a data set folder, or a .json(l)/.parquet/.csv file")
+    data: str = flag("array/SAT", "RL data: hub id, data set folder or .json(l)/.parquet file; '': SFT only")
     max_rows: int = flag(15000, "use a seeded sample of this many --data rows; 0 = all")
     eval_data: str = flag("nyu-visionx/CV-Bench", "evaluation data, in the same forms as --data")
     out: str = flag("runs/grpo", "output folder: metrics.jsonl, trajectories/, checkpoint/, eval*.json")
@@ -83,7 +74,6 @@ class Args:
     max_steps: int = flag(0, "RL steps (a rollout, then --mu policy epochs); 0 = --epochs passes")
     sft_data: str = flag("", "SFT data: rows with a solution or an answer, or chat rows")
     sft_epochs: int = flag(0, "SFT passes over --sft-data before RL; 0 = no SFT")
-    sft_only: bool = flag(False, "stop after the SFT phase (OUT/checkpoint holds its model)")
     sft_lr: float = flag(2e-5, "SFT peak learning rate (linear warm-up, then cosine decay)")
     sft_warmup: float = flag(0.03, "share of the SFT steps spent warming the learning rate up")
     sft_weight_decay: float = flag(0.05, "AdamW weight decay during SFT")
@@ -266,7 +256,7 @@ def grpo_step(step, exs, args, stage_args, run):
     seed = args.seed + 1_000_003 * step + run.rank * len(exs)  # + the step index of this rank's 1st prompt
     with run.amp:
         batches = rollout(model, exs, stage_args, run, seed)
-    t1 = time.time()
+    rollout_time = time.time() - t0
     # ---- 2. reward, G1: r_i = sum_k R_k(o_i, q), the recipe's rewards summed without weights
     texts = []
     for b in batches:
@@ -279,7 +269,6 @@ def grpo_step(step, exs, args, stage_args, run):
     r = sum(per_fn.values())  # (P*G,) G1
     # ---- 3. advantage, G2: A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), within each group
     A, frac_zero_std = group_advantages(r, G)
-    t2 = time.time()
     # ---- 4. log-probs of pi_ref (G4) and of pi_old (G7), without gradients, by micro-batch
     micro = []  # micro-batches of up to --micro-batch completions of one prompt
     for b in batches:
@@ -293,7 +282,6 @@ def grpo_step(step, exs, args, stage_args, run):
                 mb["ref"] = token_logprobs(ref, mb, args.temperature, run.banned, device)
             if args.mu > 1:
                 mb["old"] = token_logprobs(model, mb, args.temperature, run.banned, device)
-    t3 = time.time()
     # ---- 5. policy update: mu epochs (G7), each a gradient step on -J (G5, G6) over all micro-batches
     n_tokens = sum(mb["mask"].sum() for mb in micro).item()  # this rank's completion tokens, for the logs
     for epoch in range(args.mu):
@@ -328,10 +316,7 @@ def grpo_step(step, exs, args, stage_args, run):
     stats = over_ranks(stats, device)
     stats["grad_norm"] = grad_norm
     stats["lr"] = lr
-    stats["time/rollout"] = t1 - t0
-    stats["time/reward"] = t2 - t1
-    stats["time/ref_old"] = t3 - t2
-    stats["time/update"] = time.time() - t3
+    stats["rollout_time"] = rollout_time  # of step_time, which main adds
     samples = []
     for i, (text, ex) in enumerate(zip(texts, ex_of)):
         sample = {"question": ex["question"], "answer": ex["answer"], "completion": text, "tokens": n_tok[i]}
@@ -348,9 +333,8 @@ def main(argv=None):
     log = print if rank == 0 else ignore  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
     # The data first: a mistake in it ends the run in seconds, not after the model has loaded
-    sft_on = args.sft_epochs > 0 and not args.eval
-    sft_exs = load_data(args.sft_data, "train", args, sft=True) if sft_on else None
-    exs = load_data(args.data, "train", args, args.max_rows) if not (args.eval or args.sft_only) else None
+    sft_exs = load_data(args.sft_data, "train", args, sft=True) if args.sft_epochs and not args.eval else None
+    exs = load_data(args.data, "train", args, args.max_rows) if args.data and not args.eval else None
     eval_exs = load_data(args.eval_data, "test", args) if args.eval or args.eval_every else None
     run = load_models(args, rank, world, device, mesh)
     if args.eval:
@@ -364,27 +348,27 @@ def main(argv=None):
     log(f"{args.variant}: {args.model} ({n_params:.1f}M parameters), {world} rank(s), {device} -> {args.out}")
     # ---- warm-up (R1-VL) or cold-start (Vision-R1) SFT; the RL reference is the model it leaves (G4)
     in_rl = progress is not None and progress["phase"] == "rl"
-    if progress and not in_rl and not sft_on:
+    if progress and not in_rl and not sft_exs:
         fail("OUT/checkpoint is an SFT checkpoint: --resume with its SFT flags, or start RL with --model it")
-    if sft_on and not in_rl:
+    if sft_exs and not in_rl:
         sft(sft_exs, args, run, record, progress)
         if run.ref is not None:
             run.ref.load_state_dict(run.model.state_dict())
-        if args.sft_only:
-            return barrier(finish=True)
+    if not exs:  # no --data: SFT alone, its model in OUT/checkpoint
+        return barrier(finish=True)
     # ---- GRPO, in PTST's stages of (completion cap, G, steps); without PTST one stage of the plain flags
     P = args.prompts_per_step
     plain_steps = args.max_steps or args.epochs * (len(exs) // P)
     stages = parse_ptst(args.ptst) or [(args.max_new_tokens, args.num_generations, plain_steps)]
-    steps = sum(n for _, _, n in stages)
+    plan = [(k, cap, G) for k, (cap, G, n) in enumerate(stages) for _ in range(n)]  # step s: plan[s - 1]
+    steps = len(plan)
     if steps == 0:
         fail(f"{args.data}: {len(exs)} usable rows, fewer than --prompts-per-step {P}: no RL step to take")
     order = data_order(len(exs), steps * P, args.seed)
     run.rewards = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms
     if args.length_bonus:
         run.rewards["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)  # R3
-    trainable = [p for p in run.model.parameters() if p.requires_grad]  # not the frozen parts (--freeze)
-    run.opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    run.opt = torch.optim.AdamW(trainable(run.model), lr=args.lr, weight_decay=0.0)
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: 1 - s / steps)  # 1 -> 0, linearly
     log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(run.rewards)}")
     if in_rl:
@@ -394,10 +378,10 @@ def main(argv=None):
         run_eval(eval_exs, args, run, "eval_step0")
     flat_steps = 0  # steps in a row in which every group's rewards were equal
     for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
-        stage, stage_args = ptst_stage(args, stages, step)  # the same prompts per step; G and the cap change
-        if step == 1 or ptst_stage(args, stages, step - 1)[0] != stage:
-            G = stage_args.num_generations
-            log(f"stage {stage + 1}: up to {stage_args.max_new_tokens} new tokens, G = {G}, from step {step}")
+        stage, cap, G = plan[step - 1]  # the same prompts per step; PTST changes G and the cap
+        stage_args = replace(args, max_new_tokens=cap, num_generations=G)
+        if step == 1 or plan[step - 2][0] != stage:
+            log(f"stage {stage + 1}: up to {cap} new tokens, G = {G}, from step {step}")
         t0 = time.time()
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
         stats, samples = grpo_step(step, mine, args, stage_args, run)
@@ -410,14 +394,13 @@ def main(argv=None):
             f"{stats['truncated_frac']:.0%}) | kl {stats['kl']:.2e} | {stats['step_time']:.1f}s"
         )
         flat_steps = flat_steps + 1 if stats["frac_zero_std"] == 1 else 0
-        if flat_steps == 10:
-            log(
-                "note: for 10 steps every group's rewards were equal, so every advantage was 0 and GRPO "
-                "learned nothing but the KL term (G2). A model that never earns a reward (OUT/trajectories/ "
-                "shows what it writes) needs a warm-up first: --sft-data with --sft-epochs."
-            )
+        if flat_steps == 10:  # every advantage was 0 (G2): GRPO learned nothing but the KL term
+            log("note: 10 steps without a reward that differs within a group. A model that never earns one")
+            log("(OUT/trajectories/ shows what it writes) needs a warm-up first: --sft-data, --sft-epochs")
         if rank == 0 and args.log_completions_every and (step == 1 or step % args.log_completions_every == 0):
-            write_jsonl(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), samples)
+            os.makedirs(os.path.join(args.out, "trajectories"), exist_ok=True)
+            with open(os.path.join(args.out, "trajectories", f"step_{step:06d}.jsonl"), "w") as f:
+                f.writelines(json.dumps(sample) + "\n" for sample in samples)
         # ---- 7. evaluate and checkpoint
         if args.eval_every and (step % args.eval_every == 0 or step == steps):
             run_eval(eval_exs, args, run, f"eval_step{step}")
@@ -426,22 +409,13 @@ def main(argv=None):
     barrier(finish=True)
 
 
-def write_jsonl(path, rows):
-    """OUT/trajectories/step_N.jsonl: rank 0's completions and rewards, where an 'aha moment' is read."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 # ================================================================================ plumbing
 # What follows is engineering, not the algorithm: a learner may stop reading here.
 
 
 # ------------------------------------------------------------------ flags
 def parse_args(argv=None):
-    """Args from the command line; the variant's defaults (VARIANTS) under the flags given. --help shows the
-    defaults of the variant named with it."""
+    """Args from the command line, over the defaults of the --variant (which --help shows)."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--variant", default="r1zero", choices=VARIANTS)
     defaults = {**asdict(Args()), **VARIANTS[first.parse_known_args(argv)[0].variant]}
@@ -459,12 +433,10 @@ def parse_args(argv=None):
         p.error(f"--prompts-per-step and --sft-batch must divide by the {world} ranks")
     if not os.path.isdir(args.model) and not data.HUB_ID.fullmatch(args.model):
         p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
-    if not (args.data or args.eval or args.sft_only):
-        p.error(f"--variant {args.variant} needs --data (its RL rows)")
+    if not (args.data or args.sft_epochs or args.eval):
+        p.error(f"--variant {args.variant} needs --data (its RL rows), or --sft-data with --sft-epochs")
     if args.sft_epochs and not args.sft_data:
         p.error("--sft-epochs needs --sft-data (rows with a solution or an answer, or chat rows)")
-    if args.sft_only and not args.sft_epochs:
-        p.error("--sft-only needs --sft-epochs")
     try:
         stages = parse_ptst(args.ptst)
     except ValueError:
@@ -482,16 +454,6 @@ def parse_ptst(spec):
     if any(len(stage) != 3 or min(stage) < 1 for stage in stages):
         raise ValueError(spec)
     return stages
-
-
-def ptst_stage(args, stages, step):
-    """PTST (Vision-R1): the stage (0-based) that step is in, and a copy of args with that stage's
-    completion cap and G; args itself is not changed."""
-    end = 0
-    for stage, (cap, G, n) in enumerate(stages):
-        end += n  # the stage's last step
-        if step <= end:
-            return stage, replace(args, max_new_tokens=cap, num_generations=G)
 
 
 def fail(message):
@@ -513,8 +475,7 @@ def load_data(spec, split, args, max_rows=0, sft=False):
 
 # ------------------------------------------------------------------ processes and models (FSDP2, I9)
 def init_distributed():
-    """(rank, world, device, mesh). Under torchrun one process per device and FSDP2 over all of them (nccl
-    on GPUs, gloo on CPU); a plain `python grpo_vl.py` uses no process group and no mesh."""
+    """(rank, world, device, mesh): under torchrun one process per device (nccl on GPUs, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -527,7 +488,7 @@ def init_distributed():
 
 
 def ignore(*args, **kwargs):
-    """What printing and recording are on ranks other than 0."""
+    pass  # what printing and recording are on ranks other than 0
 
 
 def barrier(finish=False):
@@ -550,8 +511,8 @@ VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 
 
 def load_models(args, rank, world, device, mesh):
-    """The run: the policy (trainable, fp32 master weights), the frozen reference (G4; none when beta = 0),
-    each sharded with FSDP2 under torchrun, the processor, EOS and banned token ids, and the precision."""
+    """The policy (fp32 master weights), the frozen reference (G4; none when beta = 0), each sharded under
+    torchrun, the processor, the EOS and banned token ids, and the precision."""
     tf.utils.logging.disable_progress_bar()
     try:
         model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
@@ -606,9 +567,9 @@ def shard(model, mesh, device, bf16):
 
 @contextlib.contextmanager
 def gathered(model):
-    """For generate(): eval mode, since gradient checkpointing (a training-mode feature) turns the KV cache
-    off; under FSDP, the parameters gathered once for the whole call. Without that every generated token
-    all-gathers every layer, and a rank that finishes early would leave the others waiting on it."""
+    """For generate(): eval mode (gradient checkpointing, a training-mode feature, turns the KV cache off)
+    and, under FSDP, the parameters gathered once, not by every layer for every token (a rank that ends
+    early would leave the others waiting on it)."""
     was_training = model.training
     model.eval()
     sharded = isinstance(model, FSDPModule)
@@ -629,11 +590,9 @@ def gathered(model):
 
 @contextlib.contextmanager
 def shared_vision(n, *models):
-    """For a batch of n copies of one prompt (a group's G sequences): each model's vision tower encodes the
-    prompt's images once, not n times. The one encoding goes to all n, so autograd sums their n gradients
-    into it and back-propagates the sum through the tower once -- by linearity, the sum of n backward
-    passes: the gradient is exact. Only get_image_features is replaced; the tower is still called as a
-    module, so FSDP2's hooks gather and reshard it (I9)."""
+    """For n copies of one prompt (a group): each vision tower encodes the prompt's images once, not n times.
+    Autograd sums the n copies' gradients into the one encoding, then back-propagates once: by linearity the
+    gradient is exact. The tower is still called as a module, so FSDP2's hooks gather and reshard it (I9)."""
 
     def encode_once(get_image_features, pixel_values, image_grid_thw, **kwargs):
         k = len(image_grid_thw) // n  # the prompt's images
@@ -654,8 +613,8 @@ def shared_vision(n, *models):
 
 # ------------------------------------------------------------------ batches (I3)
 def copies(prompt, n, device):
-    """n copies of one encoded prompt, on the device. pixel_values holds one row per image patch of all a
-    batch's images, concatenated, and image_grid_thw one row per image (I3): one prompt's rows repeat."""
+    """n copies of an encoded prompt on the device. pixel_values has a row per image patch, image_grid_thw
+    a row per image (I3): both repeat n times, as input_ids do."""
     return {k: v.repeat(n, 1).to(device) for k, v in prompt.items()}
 
 
@@ -674,15 +633,13 @@ def my_share(order, step, n, rank, world):
 
 # ------------------------------------------------------------------ SFT
 def sft(exs, args, run, record, progress):
-    """Warm-up / cold-start SFT: next-token cross-entropy on the target tokens (a token mean over all
-    ranks), AdamW with weight decay, a linear warm-up then cosine decay. The target is the 'completion' of
-    a rollout-shaped batch, scored exactly as RL scores a completion; the prompt is RL's prompt."""
+    """Warm-up / cold-start SFT: next-token cross-entropy on the target tokens (a token mean over all ranks),
+    AdamW with weight decay, a linear warm-up then cosine decay (transformers' Trainer schedule, which the
+    releases trained with). A target is scored as RL scores a completion, after RL's prompt."""
     n = args.sft_batch
     steps = args.sft_epochs * max(len(exs) // n, 1)
-    trainable = [p for p in run.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.sft_lr, weight_decay=args.sft_weight_decay)
-    warm = max(1, round(args.sft_warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(warmup_cosine, warm=warm, steps=steps))
+    opt = torch.optim.AdamW(trainable(run.model), lr=args.sft_lr, weight_decay=args.sft_weight_decay)
+    sched = tf.get_cosine_schedule_with_warmup(opt, math.ceil(args.sft_warmup * steps), steps)
     order = data_order(len(exs), steps * n, args.seed)
     if run.rank == 0:
         print(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
@@ -694,33 +651,34 @@ def sft(exs, args, run, record, progress):
         micro = []  # micro-batches of up to --micro-batch examples
         for s in range(0, len(mine), args.micro_batch):
             micro.append(sft_batch(run.processor, mine[s : s + args.micro_batch], args))
-        n_tok = sum(mb["mask"].sum().item() for mb in micro)
-        n_tok = over_ranks({"n": n_tok}, run.device)["n"]  # mean target tokens per rank
+        n_tok = over_ranks({"n": sum(mb["mask"].sum().item() for mb in micro)}, run.device)["n"]
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        for mb in micro:  # / mean tokens per rank, then FSDP's mean = the token mean
+        for mb in micro:  # divided by the mean target tokens per rank, then FSDP's mean: the token mean
             with run.amp:
                 logp = token_logprobs(run.model, mb, 1.0, run.banned, run.device)
                 nll = -(logp * mb["mask"].to(run.device)).sum() / n_tok  # -1/N sum_t log p(y_t | x, y_<t)
             nll.backward()
             loss += nll.item()
-        grad_norm = clip_and_step(opt)
-        lr = opt.param_groups[0]["lr"]
+        stats = {
+            "phase": "sft",
+            "step": step,
+            "lr": opt.param_groups[0]["lr"],
+            "grad_norm": clip_and_step(opt),
+        }
         sched.step()
-        loss = over_ranks({"loss": loss}, run.device)["loss"]
-        seconds = time.time() - t0
-        stats = {"phase": "sft", "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
-        stats["step_time"] = seconds
+        stats["loss"] = over_ranks({"loss": loss}, run.device)["loss"]
+        stats["step_time"] = time.time() - t0
         record(stats)
         if run.rank == 0:
-            print(f"sft {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {seconds:.1f}s")
+            print(f"sft {step}/{steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e}")
         if step == steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(run, opt, sched, args, "sft", step)
 
 
 def sft_batch(processor, exs, args):
-    """An SFT batch in the rollout layout: the prompt exactly as RL sees it, and the target as the
-    'completion', whose mask covers the target tokens and the closing EOS -- never the prompt or image."""
+    """An SFT batch in the rollout layout: RL's prompt, and the target as the 'completion', masked to the
+    target tokens and the closing EOS -- never the prompt or the image."""
     style = PROMPT[args.variant]
     b = {"prompt": data.encode(processor, exs, style, args.max_pixels)}
     tok = processor.tokenizer
@@ -732,16 +690,12 @@ def sft_batch(processor, exs, args):
     return b
 
 
-def warmup_cosine(s, warm, steps):
-    """The SFT learning-rate factor at step s: a linear warm-up over `warm` steps, then a cosine decay."""
-    if s < warm:
-        return (s + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]  # not the frozen parts (--freeze)
 
 
 def clip_and_step(opt):
-    """Clip the gradient norm of the optimizer's (trainable) parameters, then step -- unless the norm is not
-    finite: then stop; the last checkpoint stays."""
+    """Clip the gradient norm, then step; a norm that is not finite stops the run (the checkpoint stays)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
@@ -755,9 +709,8 @@ def clip_and_step(opt):
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def run_eval(exs, args, run, name):
-    """Greedy decoding; an answer is right as the recipe's reward judges it. Accuracy overall (micro, as
-    VisualThinker's 59.47%), per task, and CV-Bench's combined score ((ADE20K + COCO)/2 + Omni3D)/2, printed
-    and written to OUT/<name>.json by rank 0."""
+    """Protocol E: greedy decoding, judged as the recipe's rewards judge. Accuracy over all rows (as
+    VisualThinker's 59.47%), per task, and CV-Bench's ((ADE20K + COCO) / 2 + Omni3D) / 2: OUT/<name>.json."""
     mine = exs[run.rank :: run.world]
     results = []
     with gathered(run.model), run.amp:
@@ -765,22 +718,20 @@ def run_eval(exs, args, run, name):
             chunk = mine[s : s + 16]
             b = data.encode(run.processor, chunk, PROMPT[args.variant], args.max_pixels)
             seqs = run.model.generate(
-                **copies(b, 1, run.device),
-                do_sample=False,
-                max_new_tokens=args.eval_max_new_tokens,
+                **copies(b, 1, run.device), do_sample=False, max_new_tokens=args.eval_max_new_tokens
             )
             o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions
-            lengths = completion_mask(o, run.eos)[0].sum(1)  # counted as G9 counts them
+            lengths = completion_mask(o, run.eos)[0].sum(1).tolist()  # counted as G9 counts them
             for ex, text, n in zip(chunk, run.processor.batch_decode(o, True), lengths):
                 text = completion_text(text, args)
-                result = {"task": ex["task"], "source": ex["source"], "length": float(n)}
-                if PROMPT[args.variant] == "step":  # judged as the rewards judge: P3's sections (R4, R5)
-                    result["correct"] = float(R.is_correct(R.step_answer(text), ex))
-                    result["format"] = R.step_validity(text)
+                if PROMPT[args.variant] == "step":  # P3's sections (R4, R5)
+                    result = {
+                        "correct": float(R.is_correct(R.step_answer(text), ex)),
+                        "format": R.step_validity(text),
+                    }
                 else:  # or the tags (R1, R2)
-                    result["correct"] = R.accuracy(text, ex)
-                    result["format"] = R.think_answer_format(text)
-                results.append(result)
+                    result = {"correct": R.accuracy(text, ex), "format": R.think_answer_format(text)}
+                results.append({**result, "length": n, "task": ex["task"], "source": ex["source"]})
     if run.world > 1:  # every rank's results
         everyone = [None] * run.world
         dist.all_gather_object(everyone, results)
@@ -789,12 +740,12 @@ def run_eval(exs, args, run, name):
     report["accuracy"] = fmean(r["correct"] for r in results)
     report["format"] = fmean(r["format"] for r in results)
     report["completion_len"] = fmean(r["length"] for r in results)
-    tasks = sorted({r["task"] for r in results})
-    report["per_task"] = {t: fmean(r["correct"] for r in results if r["task"] == t) for t in tasks}
-    by_source = {s: [r["correct"] for r in results if r["source"] == s] for s in ("ADE20K", "COCO", "Omni3D")}
-    if all(by_source.values()):  # CV-Bench's combined score: ((ADE20K + COCO) / 2 + Omni3D) / 2
-        ade, coco, omni = (fmean(by_source[s]) for s in ("ADE20K", "COCO", "Omni3D"))
-        report["cvbench_combined"] = ((ade + coco) / 2 + omni) / 2
+    for group in ("task", "source"):  # per task, and per source (CV-Bench's: ADE20K, COCO, Omni3D)
+        keys = sorted({r[group] for r in results})
+        report[f"per_{group}"] = {k: fmean(r["correct"] for r in results if r[group] == k) for k in keys}
+    acc = report["per_source"]
+    if {"ADE20K", "COCO", "Omni3D"} <= set(acc):  # CV-Bench's combined score
+        report["cvbench_combined"] = ((acc["ADE20K"] + acc["COCO"]) / 2 + acc["Omni3D"]) / 2
     if run.rank == 0:
         print(f"{name}: {json.dumps(report)}")
         json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
@@ -803,10 +754,9 @@ def run_eval(exs, args, run, name):
 
 # ------------------------------------------------------------------ checkpoints and metrics
 def save_checkpoint(run, opt, sched, args, phase, step):
-    """OUT/checkpoints/<phase>-<step>/ (I10): the model for any transformers user (gathered on rank 0, written
-    with save_pretrained) and, for --resume, every rank's shards of model, optimizer and reference
-    (torch.distributed.checkpoint) with the schedule. Written to a temporary folder, then renamed: a kill
-    mid-write leaves the previous checkpoint whole. OUT/checkpoint links to it; older ones are deleted."""
+    """OUT/checkpoints/<phase>-<step>/ (I10): the model for transformers (save_pretrained on rank 0) and, for
+    --resume, every rank's shards of model, optimizer and reference (DCP) and the schedule. Written aside,
+    renamed, then linked from OUT/checkpoint: a kill mid-write leaves the previous checkpoint whole."""
     root = os.path.join(args.out, "checkpoints")
     name = f"{phase}-{step:06d}"
     tmp = os.path.join(root, ".tmp-" + name)
@@ -822,7 +772,7 @@ def save_checkpoint(run, opt, sched, args, phase, step):
     barrier()
     if run.rank == 0:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # a run repeated in the same --out
-        os.replace(tmp, os.path.join(root, name))  # atomic on POSIX
+        os.replace(tmp, os.path.join(root, name))
         link = os.path.join(args.out, "checkpoint")
         if os.path.lexists(link + ".tmp"):  # left by a kill
             os.remove(link + ".tmp")
@@ -857,8 +807,8 @@ def resume(model, opt, sched, ref, args):
 
 
 def open_metrics(out, progress):
-    """OUT/metrics.jsonl, one JSON line per step, flushed line by line. On --resume the lines written after
-    the checkpoint are dropped first, so the file reads as if the run had never stopped."""
+    """OUT/metrics.jsonl, a JSON line per step. On --resume the lines after the checkpoint are dropped first,
+    so the file reads as if the run had never stopped."""
     path = os.path.join(out, "metrics.jsonl")
     if progress and os.path.exists(path):
         kept = [line for line in open(path) if position(json.loads(line)) <= position(progress)]

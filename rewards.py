@@ -1,7 +1,6 @@
 """Rewards R1-R7: plain functions reward(text, ex, n_tokens=0) -> float of a completion, its data row `ex`
-(gold `answer`, lettered `choices`, `key_steps`) and its token count; the trainer sums them (G1). Model output
-is hostile: nothing here raises on any string, runs it as code (no eval, no sympy) or scans it worse than
-linearly."""
+(gold `answer`, lettered `choices`, `key_steps`) and token count, summed by the trainer (G1). Model output is
+hostile: nothing here raises on any string, runs it as code (no eval, no sympy) or scans it superlinearly."""
 
 import math
 import re
@@ -97,8 +96,7 @@ def answers_equal(pred, gold):
 
 
 def is_correct(pred, ex):
-    """R1's equality. With lettered choices (CV-Bench style) the letter or the option's text counts, unless
-    there are more than 26 or the options are letters themselves (then their text alone counts)."""
+    """R1's equality; with lettered choices (CV-Bench) the letter counts too, unless options are letters."""
     gold = ex.get("answer")
     if pred is None or gold is None:
         return False
@@ -177,14 +175,9 @@ def hard_format(text, ex, n_tokens=0):
     return float(one_each and think_answer_format(t) and is_correct(last_tag(t, "answer"), ex))
 
 
-REWARDS = {
-    "accuracy": accuracy,
-    "format": think_answer_format,
-    "length": length_bonus,
-    "step_accuracy": step_accuracy,
-    "step_validity": step_validity,
-    "hard_format": hard_format,
-}
+REWARDS = dict(accuracy=accuracy, format=think_answer_format, length=length_bonus)  # VisualThinker-R1-Zero
+REWARDS.update(step_accuracy=step_accuracy, step_validity=step_validity)  # R1-VL's StepGRPO
+REWARDS.update(hard_format=hard_format)  # Vision-R1
 
 
 def reflects(text):

@@ -4,15 +4,16 @@
 
 For each model and 1 or 2 processes it runs a few real steps of grpo_vl.py (G = 8, 4 prompts, 64 new tokens,
 the tiny fixtures' settings: no gradient checkpointing) on a model folder written by tests/tiny.py and the
-synthetic data of tests/shapes.py, and reads metrics.jsonl: seconds per step split into rollout, reward,
-reference/old log-probs and update; generated tokens per second; peak memory (max RSS of rank 0). It then
+synthetic data of tests/shapes.py, and reads metrics.jsonl: seconds per step split into the rollout and the
+rest (rewards, reference/old log-probs, update); generated tokens per second; peak memory (max RSS of rank 0).
+It then
 times the floor on the same shapes with bare transformers -- per prompt, as grpo_vl.py batches: one
 generate() of its G completions, one forward+backward, one no-grad forward (the reference, beta > 0) -- and
 prints the overhead ratio = step time / floor. Figures go to bench.json. Not a test: it asserts nothing.
 
 The vision-heavy model runs in one process with vision sharing at odd steps and without it at even ones
 (grpo_vl.shared_vision replaced by a context manager that does nothing), both under the same load of this
-shared machine: the speed-up of the step and of its reference/old + update part is `vision_sharing_speedup`
+shared machine: the speed-up of the step and of its part after the rollout is `vision_sharing_speedup`
 in bench.json.
 
 --quick runs every configuration with the fewest steps that still take every path (1 warm-up step + 1
@@ -83,9 +84,7 @@ QUICK = dict(steps=2, alternate_steps=4, P=2, G=2, NEW=8, floor_repeats=1, scori
 COLS = [
     "step",
     "rollout",
-    "reward",
-    "ref_old",
-    "update",
+    "train",
     "tokens_per_s",
     "peak_rss_mb",
     "floor",
@@ -188,16 +187,14 @@ def run(name, procs, cfg, alternate=False):
 def summary(rows, images, rss, cfg):
     """Means over the timed steps' metrics.jsonl rows, with the peak RSS and the tower's images per step."""
     assert rows and len(rows) == len(images), (len(rows), len(images))
-    keys = ("step_time", "time/rollout", "time/reward", "time/ref_old", "time/update", "completion_len")
+    keys = ("step_time", "rollout_time", "completion_len")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {
         "step": mean["step_time"],
-        "rollout": mean["time/rollout"],
-        "reward": mean["time/reward"],
-        "ref_old": mean["time/ref_old"],
-        "update": mean["time/update"],
+        "rollout": mean["rollout_time"],
+        "train": mean["step_time"] - mean["rollout_time"],  # rewards, reference/old log-probs, update
         "peak_rss_mb": rss,
-        "tokens_per_s": mean["completion_len"] * cfg["P"] * cfg["G"] / mean["time/rollout"],
+        "tokens_per_s": mean["completion_len"] * cfg["P"] * cfg["G"] / mean["rollout_time"],
         "completion_len": mean["completion_len"],
         "tower_images_per_step": sum(images) / len(images),
         "steps_timed": len(rows),
@@ -413,14 +410,14 @@ def main(argv):
     shared, plain = runs["vision x1"], runs["vision x1 no sharing"]
     speedup = {
         "step": plain["step"] / shared["step"],
-        "ref_old_update": (plain["ref_old"] + plain["update"]) / (shared["ref_old"] + shared["update"]),
+        "train": plain["train"] / shared["train"],
         "rollout": plain["rollout"] / shared["rollout"],
     }
     tower, lm = flops("vision")
     print(
         f"\nvision sharing on the vision-heavy model (tower {tower:.2f} GFLOP per image, language model "
-        f"{lm:.2f} GFLOP per sequence): step {speedup['step']:.2f}x faster, reference/old + update "
-        f"{speedup['ref_old_update']:.2f}x, rollout {speedup['rollout']:.2f}x; tower images per step "
+        f"{lm:.2f} GFLOP per sequence): step {speedup['step']:.2f}x faster, after the rollout "
+        f"{speedup['train']:.2f}x, rollout {speedup['rollout']:.2f}x; tower images per step "
         f"{plain['tower_images_per_step']:.0f} -> {shared['tower_images_per_step']:.0f}"
     )
     results["vision_sharing_speedup"] = speedup

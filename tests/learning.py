@@ -63,14 +63,14 @@ _SFT_ENDS = {}
 
 
 def sft_end(launcher):
-    """The output folder of LEARNS with --sft-only under `launcher`: its OUT/checkpoint holds the weights the
-    full run has at the end of its SFT (SFT is deterministic; only the newest checkpoint is kept, so the full
-    run's own sft-000004 is gone). Run once per launcher."""
+    """The output folder of LEARNS without --data (SFT only) under `launcher`: its OUT/checkpoint holds the
+    weights the full run has at the end of its SFT (SFT is deterministic; only the newest checkpoint is kept,
+    so the full run's own sft-000004 is gone). Run once per launcher."""
     key = tuple(launcher)
     if key not in _SFT_ENDS:
         out = tempfile.mkdtemp(prefix="learning-sft-")
         atexit.register(shutil.rmtree, out, ignore_errors=True)
-        _SFT_ENDS[key] = run(launcher, out, "--sft-only")
+        _SFT_ENDS[key] = run(launcher, out, "--data", "")
     return _SFT_ENDS[key]
 
 

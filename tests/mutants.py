@@ -327,8 +327,8 @@ MUTANTS = [
     Mutant(
         "PTST a stage's last step run under the next stage",
         "grpo_vl.py",
-        "if step <= end:",
-        "if step < end:",
+        "stage, cap, G = plan[step - 1]",
+        "stage, cap, G = plan[min(step, len(plan) - 1)]",
         VR1 + "vision_r1_cold_start_then_two_ptst_stages",
     ),
     # ---- vision sharing

@@ -1,8 +1,11 @@
-"""Regenerate the line links of README.md: each `[LABEL](file#Ln)` points at the first line of `file` that
-contains its anchor text (below). Run: .venv/bin/python tests/readme_links.py  (test_train.py checks them)."""
+"""Regenerate README.md's line links -- each `[LABEL](file#Ln)` points at the first line of `file` that
+contains its anchor text (below) -- and its flags table, from grpo_vl.Args. Run:
+.venv/bin/python tests/readme_links.py (test_train.py checks both)."""
 
 import os
 import re
+import sys
+from dataclasses import fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHORS = {  # label -> (file, text on the line); the line must also contain the label itself
@@ -17,7 +20,7 @@ ANCHORS = {  # label -> (file, text on the line); the line must also contain the
     "G9": ("grpo_vl.py", '"""G9:'),
     "I1": ("grpo_vl.py", "(G8, I1)"),
     "I2": ("data.py", "batch (I2)"),
-    "I3": ("grpo_vl.py", "(I3): one prompt's rows repeat"),
+    "I3": ("grpo_vl.py", "a row per image (I3)"),
     "I4": ("data.py", "(I4)"),
     "I5": ("grpo_vl.py", "VISION_TOKENS = ["),
     "I6": ("grpo_vl.py", "# I6"),
@@ -51,7 +54,21 @@ def relink(readme):
     return LINK.sub(lambda m: f"[{m[1]}]({ANCHORS[m[1]][0]}#L{line_of(*ANCHORS[m[1]])})", readme)
 
 
+def flag_rows():
+    """The flags table's rows, as the README shows them: flag, r1zero's default, the --help text."""
+    sys.path.insert(0, ROOT)
+    import grpo_vl
+
+    rows = []
+    for f in fields(grpo_vl.Args):
+        help_ = f.metadata["help"].replace("|", "&#124;")
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{f.default}` | {help_} |")
+    return rows
+
+
 if __name__ == "__main__":
     path = os.path.join(ROOT, "README.md")
-    text = relink(open(path).read())
-    open(path, "w").write(text)
+    lines = relink(open(path).read()).split("\n")
+    table = [n for n, line in enumerate(lines) if line.startswith("| `--")]
+    lines[table[0] : table[-1] + 1] = flag_rows()
+    open(path, "w").write("\n".join(lines))

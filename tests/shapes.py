@@ -4,7 +4,8 @@
 
 writes what a user would bring: a JSON Lines file in the plain schema (image, prompt, answer, choices, task,
 source, solution, key_steps) with its images beside it. Tasks: Count, Relation (left/right), Depth (the bigger
-is closer), Distance, and Color, the demo's easy one (one big shape; four colours, always listed in one order).
+is closer), Distance, and Color, the demo's easy one (one big shape; four colours, always listed in one
+order).
 """
 
 import json

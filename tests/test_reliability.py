@@ -92,9 +92,8 @@ def test_a_run_repeated_in_the_same_out_and_runs_that_cannot_start(tmp_path, cap
     final save on the folder already there, and a checkpoint.tmp link left by a kill is replaced too. An SFT
     checkpoint resumed with SFT off, and fewer rows than one step's prompts, are clear errors (exit 2)."""
     out = str(tmp_path / "o")
-    sft_only = tiny_flags(
-        8, f"--sft-data {fixtures.data_file(8)} --sft-epochs 1 --sft-batch 8 --sft-only --out {out}"
-    )
+    sft_only = tiny_flags(8, f"--sft-data {fixtures.data_file(8)} --sft-epochs 1 --sft-batch 8 --out {out}")
+    sft_only += ["--data", ""]  # SFT alone
     g.main(sft_only)
     first = os.path.getmtime(os.path.join(out, "checkpoint", "progress.json"))
     os.symlink("nowhere", os.path.join(out, "checkpoint.tmp"))

@@ -213,7 +213,8 @@ def test_sft_lowers_the_loss(tmp_path):
             "2",
             "--sft-batch",
             "8",
-            "--sft-only",
+            "--data",
+            "",
             "--out",
             out,
         ]
@@ -221,8 +222,8 @@ def test_sft_lowers_the_loss(tmp_path):
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["phase"] for r in rows] == ["sft"] * 12 and [r["step"] for r in rows] == list(range(1, 13))
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
-    # 3% of 12 steps rounds to a 1-step warm-up (lr reaches the peak at once), then cosine decay over 11 steps
-    expected = [1e-2] + [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 11)) for s in range(0, 11)]
+    # transformers' schedule: a ceil(3% of 12) = 1-step warm-up from lr 0, then cosine decay over 11 steps
+    expected = [0.0] + [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 11)) for s in range(0, 11)]
     assert [r["lr"] for r in rows] == pytest.approx(expected)
     assert os.path.exists(os.path.join(out, "checkpoint", "model.safetensors"))
 
@@ -336,7 +337,7 @@ def row_error(message, path, row, column):
 def test_stepgrpo_needs_data_and_sft_data(capsys):
     with pytest.raises(SystemExit) as e:
         g.parse_args(["--variant", "stepgrpo"])
-    assert e.value.code == 2 and "needs --data" in capsys.readouterr().err
+    assert e.value.code == 2 and "--sft-epochs needs --sft-data" in capsys.readouterr().err
     for variant in ("stepgrpo", "vision-r1"):  # the warm-up set is not the RL set: no default to --data
         with pytest.raises(SystemExit) as e:
             g.parse_args(["--variant", variant, "--data", "rl.jsonl"])
