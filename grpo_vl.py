@@ -130,6 +130,8 @@ VARIANTS = {
 PROMPT = {"r1zero": "base", "grpo": "instruct", "stepgrpo": "step", "vision-r1": "plain"}
 EPS = 0.2  # the clip range epsilon of G5: DeepSeekMath's and the three papers' released value
 MAX_GRAD_NORM = 1.0  # gradient-norm clip, as the papers' released code
+LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 512 x 151,936 x 4 B = 0.3 GB
+VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
 
 
 # ================================================================================ 2. the GRPO math
@@ -144,9 +146,6 @@ def completion_mask(completion, eos):
     C = completion.shape[1]
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)  # (N,) index of the first EOS
     return (torch.arange(C)[None] <= first[:, None]).float(), ~is_eos.any(1)
-
-
-LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 512 x 151,936 x 4 B = 0.3 GB
 
 
 def token_logprobs(model, b, T, banned, device):
@@ -198,10 +197,9 @@ def group_advantages(r, G):
 
 
 def grpo_loss(logp, old, ref, A, mask, beta, n_completions):
-    """-J (DeepSeekMath Eq. 3) for one micro-batch of completions; logp, old, ref, mask: (N, C), A: (N,).
-    Each rank divides by its own number of completions and FSDP2 averages the gradients over the ranks: the
-    gradient is the one of J over all of the step's prompts. Returns the loss, D (N, C) and where clipping
-    changed L (N, C), for the logs."""
+    """-J (DeepSeekMath Eq. 3) for a micro-batch; logp, old, ref, mask: (N, C), A: (N,). Each rank divides by
+    its own number of completions and FSDP2 averages the gradients over the ranks: J's gradient over all the
+    step's prompts. Returns the loss, and D (N, C) and where clipping changed L (N, C) for the logs."""
     A = A[:, None]  # (N, 1): one advantage for every token of a completion
     ratio = torch.exp(logp - old)  # G3: rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     surrogate = torch.min(ratio * A, ratio.clamp(1 - EPS, 1 + EPS) * A)  # G5: min(rho A, clip(rho) A)
@@ -246,16 +244,16 @@ def completion_text(text, args):
 
 
 # ================================================================================ 4. one GRPO step
-def grpo_step(step, exs, args, stage_args, run):
-    """One GRPO step on this rank's prompts `exs`. Returns the step's statistics (means over the ranks) and
-    this rank's samples (question, completion, rewards, advantage) for OUT/trajectories/."""
+def grpo_step(step, exs, args, run):
+    """One GRPO step on this rank's prompts `exs`, with the stage's args (PTST). Returns the step's statistics
+    (means over the ranks) and this rank's samples (question, completion, rewards, advantage) for the logs."""
     model, ref, device = run.model, run.ref, run.device
-    G = stage_args.num_generations
+    G = args.num_generations
     t0 = time.time()
     # ---- 1. rollout: G completions of each prompt (a group never spans two ranks)
     seed = args.seed + 1_000_003 * step + run.rank * len(exs)  # + the step index of this rank's 1st prompt
     with run.amp:
-        batches = rollout(model, exs, stage_args, run, seed)
+        batches = rollout(model, exs, args, run, seed)
     rollout_time = time.time() - t0
     # ---- 2. reward, G1: r_i = sum_k R_k(o_i, q), the recipe's rewards summed without weights
     texts = []
@@ -274,9 +272,7 @@ def grpo_step(step, exs, args, stage_args, run):
     for b in batches:
         for s in range(0, G, args.micro_batch):
             micro.append({k: v if k == "prompt" else v[s : s + args.micro_batch] for k, v in b.items()})
-    for mb in micro:
-        mb["ref"] = None
-        mb["old"] = None  # mu = 1: pi_old is pi_theta itself, detached in 5; no extra forward (G7)
+    for mb in micro:  # mu = 1: no "old", pi_old is pi_theta itself, detached in 5; no extra forward (G7)
         with torch.no_grad(), run.amp, shared_vision(len(mb["idx"]), ref, model):
             if ref is not None:
                 mb["ref"] = token_logprobs(ref, mb, args.temperature, run.banned, device)
@@ -291,16 +287,14 @@ def grpo_step(step, exs, args, stage_args, run):
             mask = mb["mask"].to(device)
             with run.amp, shared_vision(len(mb["idx"]), model):  # the copies' gradients sum into one encoding
                 logp = token_logprobs(model, mb, args.temperature, run.banned, device)  # (n, C) log pi_theta
-            old = logp.detach() if mb["old"] is None else mb["old"]  # G7: at mu = 1, rho = 1
+            old = mb.get("old", logp.detach())  # G7: at mu = 1, rho = 1
             A_mb = A[mb["idx"]].to(device)  # this micro-batch's completions' advantages (I8)
-            loss, D, clipped = grpo_loss(logp, old, mb["ref"], A_mb, mask, args.beta, len(r))
+            loss, D, clipped = grpo_loss(logp, old, mb.get("ref"), A_mb, mask, args.beta, len(r))
             loss.backward()
             loss_sum += loss.item()
             kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
             clip_frac += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
         grad_norm = clip_and_step(run.opt)
-    lr = run.opt.param_groups[0]["lr"]
-    run.sched.step()
     # ---- 6. statistics. kl, clip_frac and loss are the last policy epoch's. At mu = 1 the loss is about
     # beta * KL (rho = 1 and A sums to 0 within a group), yet its gradient is not 0
     stats = {f"rewards/{name}": values.mean().item() for name, values in per_fn.items()}
@@ -310,13 +304,11 @@ def grpo_step(step, exs, args, stage_args, run):
     stats["completion_len"] = sum(n_tok) / len(n_tok)
     stats["truncated_frac"] = torch.cat([b["truncated"] for b in batches]).float().mean().item()
     stats["reflection_rate"] = sum(R.reflects(t) for t in texts) / len(texts)  # R7
-    stats["kl"] = kl
-    stats["clip_frac"] = clip_frac
-    stats["loss"] = loss_sum
+    stats.update(kl=kl, clip_frac=clip_frac, loss=loss_sum)
     stats = over_ranks(stats, device)
-    stats["grad_norm"] = grad_norm
-    stats["lr"] = lr
-    stats["rollout_time"] = rollout_time  # of step_time, which main adds
+    lr = run.opt.param_groups[0]["lr"]  # the step's, before the schedule moves on
+    run.sched.step()
+    stats.update(grad_norm=grad_norm, lr=lr, rollout_time=rollout_time, step_time=time.time() - t0)
     samples = []
     for i, (text, ex) in enumerate(zip(texts, ex_of)):
         sample = {"question": ex["question"], "answer": ex["answer"], "completion": text, "tokens": n_tok[i]}
@@ -351,7 +343,7 @@ def main(argv=None):
     if progress and not in_rl and not sft_exs:
         fail("OUT/checkpoint is an SFT checkpoint: --resume with its SFT flags, or start RL with --model it")
     if sft_exs and not in_rl:
-        sft(sft_exs, args, run, record, progress)
+        sft(sft_exs, args, run, progress, record, log)
         if run.ref is not None:
             run.ref.load_state_dict(run.model.state_dict())
     if not exs:  # no --data: SFT alone, its model in OUT/checkpoint
@@ -368,7 +360,7 @@ def main(argv=None):
     run.rewards = {name: R.REWARDS[name] for name in args.rewards.split(",")}  # G1's terms
     if args.length_bonus:
         run.rewards["length"] = functools.partial(R.length_bonus, per_token=args.length_bonus)  # R3
-    run.opt = torch.optim.AdamW(trainable(run.model), lr=args.lr, weight_decay=0.0)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=0.0)  # frozen: no grad
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: 1 - s / steps)  # 1 -> 0, linearly
     log(f"GRPO: {steps} steps x {P} prompts, rewards {', '.join(run.rewards)}")
     if in_rl:
@@ -382,10 +374,9 @@ def main(argv=None):
         stage_args = replace(args, max_new_tokens=cap, num_generations=G)
         if step == 1 or plan[step - 2][0] != stage:
             log(f"stage {stage + 1}: up to {cap} new tokens, G = {G}, from step {step}")
-        t0 = time.time()
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
-        stats, samples = grpo_step(step, mine, args, stage_args, run)
-        stats = {"phase": "rl", "step": step, "stage": stage + 1, **stats, "step_time": time.time() - t0}
+        stats, samples = grpo_step(step, mine, stage_args, run)
+        stats = {"phase": "rl", "step": step, "stage": stage + 1, **stats}
         record(stats)
         terms = " ".join(f"{name} {stats['rewards/' + name]:.3f}" for name in run.rewards)
         log(
@@ -411,8 +402,6 @@ def main(argv=None):
 
 # ================================================================================ plumbing
 # What follows is engineering, not the algorithm: a learner may stop reading here.
-
-
 # ------------------------------------------------------------------ flags
 def parse_args(argv=None):
     """Args from the command line, over the defaults of the --variant (which --help shows)."""
@@ -507,9 +496,6 @@ def over_ranks(stats, device):
     return stats
 
 
-VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
-
-
 def load_models(args, rank, world, device, mesh):
     """The policy (fp32 master weights), the frozen reference (G4; none when beta = 0), each sharded under
     torchrun, the processor, the EOS and banned token ids, and the precision."""
@@ -527,9 +513,7 @@ def load_models(args, rank, world, device, mesh):
     banned = tok.convert_tokens_to_ids(VISION_TOKENS)
     plain = dict(do_sample=True, top_k=0, top_p=1.0, repetition_penalty=1.0, suppress_tokens=banned)
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, **plain)
-    ref = None
-    if args.beta > 0 and not args.eval:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None
     # the r1zero ablations, really frozen (the released flag assigned to a method and froze nothing)
     if args.freeze == "vision":
         model.model.visual.requires_grad_(False)
@@ -567,10 +551,8 @@ def shard(model, mesh, device, bf16):
 
 @contextlib.contextmanager
 def gathered(model):
-    """For generate(): eval mode (gradient checkpointing, a training-mode feature, turns the KV cache off)
-    and, under FSDP, the parameters gathered once, not by every layer for every token (a rank that ends
-    early would leave the others waiting on it)."""
-    was_training = model.training
+    """For generate(): eval mode (training mode's gradient checkpointing turns the KV cache off) and, under
+    FSDP, the parameters gathered once, not per layer per token (a rank done early would stall the others)."""
     model.eval()
     sharded = isinstance(model, FSDPModule)
     if sharded:
@@ -585,7 +567,7 @@ def gathered(model):
             for m in model.modules():
                 if isinstance(m, FSDPModule):
                     m.reshard()
-        model.train(was_training)
+        model.train()  # back to training mode, where load_models left it
 
 
 @contextlib.contextmanager
@@ -632,17 +614,15 @@ def my_share(order, step, n, rank, world):
 
 
 # ------------------------------------------------------------------ SFT
-def sft(exs, args, run, record, progress):
-    """Warm-up / cold-start SFT: next-token cross-entropy on the target tokens (a token mean over all ranks),
-    AdamW with weight decay, a linear warm-up then cosine decay (transformers' Trainer schedule, which the
-    releases trained with). A target is scored as RL scores a completion, after RL's prompt."""
+def sft(exs, args, run, progress, record, log):
+    """Warm-up / cold-start SFT: cross-entropy on the target tokens after RL's prompt (a token mean over all
+    ranks); AdamW with weight decay, linear warm-up then cosine decay (the releases' transformers Trainer)."""
     n = args.sft_batch
     steps = args.sft_epochs * max(len(exs) // n, 1)
-    opt = torch.optim.AdamW(trainable(run.model), lr=args.sft_lr, weight_decay=args.sft_weight_decay)
+    opt = torch.optim.AdamW(run.model.parameters(), lr=args.sft_lr, weight_decay=args.sft_weight_decay)
     sched = tf.get_cosine_schedule_with_warmup(opt, math.ceil(args.sft_warmup * steps), steps)
     order = data_order(len(exs), steps * n, args.seed)
-    if run.rank == 0:
-        print(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
+    log(f"SFT: {steps} steps x {n} examples, lr {args.sft_lr}")
     if progress:
         resume(run.model, opt, sched, None, args)
     for step in range(progress["step"] + 1 if progress else 1, steps + 1):
@@ -660,18 +640,13 @@ def sft(exs, args, run, record, progress):
                 nll = -(logp * mb["mask"].to(run.device)).sum() / n_tok  # -1/N sum_t log p(y_t | x, y_<t)
             nll.backward()
             loss += nll.item()
-        stats = {
-            "phase": "sft",
-            "step": step,
-            "lr": opt.param_groups[0]["lr"],
-            "grad_norm": clip_and_step(opt),
-        }
+        grad_norm = clip_and_step(opt)
+        stats = {"phase": "sft", "step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm}
         sched.step()
         stats["loss"] = over_ranks({"loss": loss}, run.device)["loss"]
         stats["step_time"] = time.time() - t0
         record(stats)
-        if run.rank == 0:
-            print(f"sft {step}/{steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e}")
+        log(f"sft {step}/{steps} | loss {stats['loss']:.4f} | lr {stats['lr']:.2e}")
         if step == steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(run, opt, sched, args, "sft", step)
 
@@ -688,10 +663,6 @@ def sft_batch(processor, exs, args):
     b["completion"] = torch.tensor([x + [tok.pad_token_id] * (C - len(x)) for x in ids])  # (B, C)
     b["mask"] = (torch.arange(C)[None] < torch.tensor([len(x) for x in ids])[:, None]).float()
     return b
-
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]  # not the frozen parts (--freeze)
 
 
 def clip_and_step(opt):
@@ -724,25 +695,24 @@ def run_eval(exs, args, run, name):
             lengths = completion_mask(o, run.eos)[0].sum(1).tolist()  # counted as G9 counts them
             for ex, text, n in zip(chunk, run.processor.batch_decode(o, True), lengths):
                 text = completion_text(text, args)
+                result = {"completion_len": n, "task": ex["task"], "source": ex["source"]}
                 if PROMPT[args.variant] == "step":  # P3's sections (R4, R5)
-                    result = {
-                        "correct": float(R.is_correct(R.step_answer(text), ex)),
-                        "format": R.step_validity(text),
-                    }
+                    result["accuracy"] = float(R.is_correct(R.step_answer(text), ex))
+                    result["format"] = R.step_validity(text)
                 else:  # or the tags (R1, R2)
-                    result = {"correct": R.accuracy(text, ex), "format": R.think_answer_format(text)}
-                results.append({**result, "length": n, "task": ex["task"], "source": ex["source"]})
+                    result["accuracy"] = R.accuracy(text, ex)
+                    result["format"] = R.think_answer_format(text)
+                results.append(result)
     if run.world > 1:  # every rank's results
         everyone = [None] * run.world
         dist.all_gather_object(everyone, results)
         results = [r for rs in everyone for r in rs]
     report = {"n": len(results)}
-    report["accuracy"] = fmean(r["correct"] for r in results)
-    report["format"] = fmean(r["format"] for r in results)
-    report["completion_len"] = fmean(r["length"] for r in results)
+    for key in ("accuracy", "format", "completion_len"):
+        report[key] = fmean(r[key] for r in results)
     for group in ("task", "source"):  # per task, and per source (CV-Bench's: ADE20K, COCO, Omni3D)
         keys = sorted({r[group] for r in results})
-        report[f"per_{group}"] = {k: fmean(r["correct"] for r in results if r[group] == k) for k in keys}
+        report[f"per_{group}"] = {k: fmean(r["accuracy"] for r in results if r[group] == k) for k in keys}
     acc = report["per_source"]
     if {"ADE20K", "COCO", "Omni3D"} <= set(acc):  # CV-Bench's combined score
         report["cvbench_combined"] = ((acc["ADE20K"] + acc["COCO"]) / 2 + acc["Omni3D"]) / 2
@@ -811,19 +781,16 @@ def open_metrics(out, progress):
     so the file reads as if the run had never stopped."""
     path = os.path.join(out, "metrics.jsonl")
     if progress and os.path.exists(path):
-        kept = [line for line in open(path) if position(json.loads(line)) <= position(progress)]
-        open(path, "w").writelines(kept)
+        last = (progress["phase"] == "rl", progress["step"])  # where the checkpoint stands: SFT before RL
+        entries = [json.loads(line) for line in open(path)]
+        kept = [m for m in entries if (m["phase"] == "rl", m["step"]) <= last]
+        open(path, "w").writelines(json.dumps(m) + "\n" for m in kept)
     metrics = open(path, "a" if progress else "w", buffering=1)
 
     def record(stats):
         metrics.write(json.dumps(stats) + "\n")
 
     return record
-
-
-def position(entry):
-    """Where a metrics line or a checkpoint stands in the run: SFT before RL, then the step."""
-    return (entry["phase"] == "rl", entry["step"])
 
 
 if __name__ == "__main__":
