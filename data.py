@@ -201,7 +201,9 @@ def from_sat(row, folder, rng):
     answer = str(row["correct_answer"])
     if answer not in [str(o) for o in options]:
         raise ValueError(f"{answer!r} is not one of the answers")
-    q = f"{row['question']} Choose between the following options: {', '.join(options[:-1])} or {options[-1]}"
+    # as VisualThinker's release writes it, less its "<image>" (so with a space first: P1 has "User:  Answer")
+    q = f" Answer in natural language. {row['question']} Choose between the following options: "
+    q += f"{', '.join(options[:-1])} or {options[-1]}"
     images = images_of(row, folder)
     return dict(images=images, question=q, answer=answer, choices=None, task="SAT", source="SAT")
 

@@ -87,12 +87,15 @@ def parse_number(s):
 
 
 def answers_equal(pred, gold):
-    """Two numbers compare as numbers (integers exactly: 1000000 is not 1000001), anything else as text."""
+    """Two numbers compare as numbers, anything else as text. An integer equals only that integer (7.000005 is
+    not 7, 1000000 not 1000001); two other numbers may differ by a relative 1e-6."""
     p, g = normalize(pred), normalize(gold)
     x, y = parse_number(p), parse_number(g)
     if x is None or y is None:
         return p == g
-    return x == y if x.is_integer() and y.is_integer() else math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+    if x.is_integer() or y.is_integer():
+        return x == y
+    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def is_correct(pred, ex):
@@ -103,6 +106,10 @@ def is_correct(pred, ex):
     if answers_equal(pred, gold):
         return True
     choices = ex.get("choices") or []
+    gold_letter = LETTER.fullmatch(normalize(gold))
+    if gold_letter and not choices:  # a letter whose options are in the question (Mulberry): "B", "(B)", "B)"
+        m = LETTER.fullmatch(normalize(pred))
+        return bool(m) and m.group(1) == gold_letter.group(1)
     if gold not in choices or len(choices) > 26 or any(LETTER.fullmatch(normalize(c)) for c in choices):
         return False
     letter = "abcdefghijklmnopqrstuvwxyz"[choices.index(gold)]
@@ -168,11 +175,13 @@ def step_validity(text, ex=None, n_tokens=0):
 
 
 def hard_format(text, ex, n_tokens=0):
-    """R6 HFRRF: 1 iff R2's format holds with one <think> and one <answer> block, and the answer is right."""
+    """R6 HFRRF: 1 iff R2's format holds with one <think> block, not empty, and one <answer> block, and the
+    answer is right."""
     t = text.strip()
     one_each = all(t.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
+    thought = one_each and bool(last_tag(t, "think"))  # HFRRF asks for a thinking process: not an empty one
     # HFRRF (Vision-R1, arXiv 2503.06749): r = 1 iff the format is right and the answer is right, else 0
-    return float(one_each and think_answer_format(t) and is_correct(last_tag(t, "answer"), ex))
+    return float(thought and think_answer_format(t) and is_correct(last_tag(t, "answer"), ex))
 
 
 REWARDS = dict(accuracy=accuracy, format=think_answer_format, length=length_bonus)  # VisualThinker-R1-Zero

@@ -131,13 +131,25 @@ def test_sat_adapter_keeps_single_image_rows_and_shuffles_options(tmp_path, caps
     exs = load_examples(path, "train", seed=0)
     assert len(exs) == 2 and "kept the 2 single-image rows of 3" in capsys.readouterr().out
     assert exs[0]["answer"] == "the chair" and exs[0]["choices"] is None
-    assert exs[1]["question"].startswith("Which is nearer? Choose between the following options: ")
+    # VisualThinker's src/data/SAT/process_dataset.py and grpo.py: "<image> Answer in natural language. {q}
+    # Choose between the following options: a, b or c", less its <image>
+    assert exs[1]["question"].startswith(" Answer in natural language. Which is nearer? Choose between the ")
     assert sorted(exs[1]["question"].split(": ")[1].replace(" or ", ", ").split(", ")) == [
         "down",
         "left",
         "up",
     ]
     assert isinstance(data.open_image(exs[0]["images"][0]), Image.Image)
+    # P1 as the release renders it for the base model, character for character (two spaces after "User:")
+    released = (
+        "A conversation between User and Assistant. The user asks a question about the image, and the "
+        "Assistant solves it. The assistant first thinks about the reasoning process in the mind and then "
+        "provides the user with the answer.\nUser:  Answer in natural language. Which is nearer? Choose "
+        "between the following options: the table or the chair \nAssistant: Let me solve this step by step."
+        "\n<think>"
+    )
+    p1 = data.prompt_text(exs[0], "base", None)
+    assert p1 == "<|vision_start|><|image_pad|><|vision_end|>" + released  # seed 0 shuffles the table first
 
 
 @pytest.mark.parametrize(

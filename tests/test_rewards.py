@@ -211,3 +211,28 @@ def test_r6_any_whitespace_around_and_between_the_blocks_only():
     ex = {"answer": "2"}
     assert R.hard_format("\u2003<think>a</think>\n\u00a0<answer>2</answer>\t", ex) == 1.0
     assert R.hard_format("<think>a</think>\u00a0.<answer>2</answer>", ex) == 0.0
+
+
+@pytest.mark.parametrize("pred", ["B", "(B)", "B)", "B.", "b", " (b) "])
+def test_a_gold_letter_without_choices_matches_its_own_letter(pred):
+    """Mulberry-style rows keep their options inside the question: gold `B` or `(B)`, no choices column."""
+    for gold in ("B", "(B)"):
+        assert R.is_correct(pred, {"answer": gold}) and R.accuracy(
+            f"<answer>{pred}</answer>", {"answer": gold}
+        )
+    for wrong in ("A", "(A)", "(A) and (B)", "AB", "B and C", ""):
+        assert not R.is_correct(wrong, {"answer": "B"}), wrong
+
+
+def test_an_integer_gold_is_matched_only_by_that_integer():
+    assert not R.answers_equal("7.000005", "7") and not R.answers_equal("1000000.5", "1000000")
+    assert not R.answers_equal("7", "7.000005")
+    assert R.answers_equal("7.0", "7") and R.answers_equal("\\frac{14}{2}", "7")
+    assert R.answers_equal("0.3333333", "\\frac{1}{3}")  # two non-integers: a relative 1e-6
+
+
+def test_r6_needs_a_thinking_process():
+    ex = {"answer": "2"}
+    assert R.hard_format("<think>so 2</think><answer>2</answer>", ex) == 1.0
+    for empty in ("<think></think><answer>2</answer>", "<think> \n </think><answer>2</answer>"):
+        assert R.hard_format(empty, ex) == 0.0
