@@ -228,8 +228,11 @@ def rollout(model, exs, args, run, seed):
             torch.manual_seed(seed + j)  # seed + the prompt's index in the step: free of the rank count
             with shared_vision(G, model):  # the prefill encodes the prompt's image once, not G times
                 inputs = copies(prompt, G, run.device)  # (G, L)
-                seqs = model.generate(
-                    **inputs, temperature=args.temperature, max_new_tokens=args.max_new_tokens
+                seqs = model.generate(  # gathered: no rank need wait on the others token by token
+                    **inputs,
+                    temperature=args.temperature,
+                    max_new_tokens=args.max_new_tokens,
+                    synced_gpus=False,
                 )
             b = {"prompt": prompt, "completion": seqs[:, prompt["input_ids"].shape[1] :].cpu()}  # (G, C)
             b["mask"], b["truncated"] = completion_mask(b["completion"], run.eos)
@@ -552,21 +555,21 @@ def shard(model, mesh, device, bf16):
 @contextlib.contextmanager
 def gathered(model):
     """For generate(): eval mode (training mode's gradient checkpointing turns the KV cache off) and, under
-    FSDP, the parameters gathered once, not per layer per token (a rank done early would stall the others)."""
+    FSDP, every parameter gathered up front, on every rank: the forwards then need no collective, so a rank
+    done early, or with nothing to generate, stalls no other."""
     model.eval()
-    sharded = isinstance(model, FSDPModule)
-    if sharded:
-        model.set_reshard_after_forward(False)  # recursively: keep them gathered between forwards
-        model.unshard()
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)  # kept gathered between forwards
     try:
         yield
     finally:
-        if sharded:
-            model.set_reshard_after_forward(True)
-            model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered, FSDP's default
-            for m in model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+        for m in sharded:
+            m.set_reshard_after_forward(
+                m is not model, recurse=False
+            )  # the root stays gathered: FSDP's default
+            m.reshard()
         model.train()  # back to training mode, where load_models left it
 
 
@@ -689,7 +692,10 @@ def run_eval(exs, args, run, name):
             chunk = mine[s : s + 16]
             b = data.encode(run.processor, chunk, PROMPT[args.variant], args.max_pixels)
             seqs = run.model.generate(
-                **copies(b, 1, run.device), do_sample=False, max_new_tokens=args.eval_max_new_tokens
+                **copies(b, 1, run.device),
+                do_sample=False,
+                max_new_tokens=args.eval_max_new_tokens,
+                synced_gpus=False,
             )
             o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions
             lengths = completion_mask(o, run.eos)[0].sum(1).tolist()  # counted as G9 counts them

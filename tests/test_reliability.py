@@ -274,3 +274,35 @@ def test_loading_is_safe_by_default():
             r"torch\.load\((?![^)]*weights_only=True)", src
         )  # pickles only with weights_only
         assert not re.search(r"(?<![\w.])(eval|exec|sympify|parse_expr)\(", src)  # model text is never run
+
+
+def test_evaluation_on_two_ranks_with_fewer_rows_than_ranks_or_uneven_ones(tmp_path):
+    """1 row on 2 ranks (rank 1 has nothing to generate) and 3 rows (2 and 1): each rank finishes, and the
+    report is the one process's. Under FSDP2 a rank with no rows joined no collective of the other's
+    generate() before every parameter was gathered up front and transformers' per-token sync was off."""
+    import subprocess
+
+    for rows in (1, 3):
+        argv = [
+            *fixtures.flags(),
+            "--eval",
+            "--eval-data",
+            fixtures.data_file(rows),
+            "--eval-max-new-tokens",
+            "8",
+        ]
+        one = str(tmp_path / f"one-{rows}")
+        g.main(argv + ["--out", one])
+        two = str(tmp_path / f"two-{rows}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        p = subprocess.run(
+            [*learning.TWO, "grpo_vl.py", *argv, "--out", two],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        reports = [json.load(open(os.path.join(out, "eval.json"))) for out in (one, two)]
+        assert reports[0] == reports[1] and reports[0]["n"] == rows
