@@ -15,6 +15,7 @@ wrong) index README.md's tables, which also list what this code simplifies; each
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import json
 import math
@@ -84,7 +85,7 @@ class Args:
     gradient_checkpointing: bool = flag(True, "recompute activations in the backward pass (saves memory)")
     freeze: str = flag("", "freeze the vision tower or the LLM (r1zero ablations)", ("", "vision", "llm"))
     seed: int = flag(0, "seed of the data order and the sampling")
-    save_every: int = flag(0, "checkpoint every N steps, and at the end of each phase")
+    save_every: int = flag(100, "checkpoint every N steps (0: never) and at the end of each phase")
     eval_every: int = flag(0, "evaluate on --eval-data at the start of RL, every N steps and at the end")
     eval: bool = flag(False, "only evaluate --model on --eval-data (greedy), write OUT/eval.json")
     eval_max_new_tokens: int = flag(1024, "cap on a completion's length during evaluation")
@@ -475,7 +476,8 @@ def init_distributed():
         return rank, world, device, None
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # an hour, not the default 10 min, for the other ranks to wait while rank 0 writes a 7B model (33 GB fp32)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     return rank, world, device, init_device_mesh(device.type, (world,))
 
 
@@ -773,6 +775,9 @@ def resume(model, opt, sched, ref, args):
     """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
     path = os.path.join(args.out, "checkpoint")
     state = train_state(model, opt, ref)
+    saved = dcp.FileSystemReader(os.path.join(path, "train_state")).read_metadata().state_dict_metadata
+    if missing := sorted(set(state) - {key.split(".")[0] for key in saved}):  # "model.x.y" -> "model"
+        fail(f"{path} holds no {missing[0]} state: resume with the flags it was written with (--beta)")
     # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
     planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
     dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), planner=planner)

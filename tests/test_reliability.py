@@ -306,3 +306,16 @@ def test_evaluation_on_two_ranks_with_fewer_rows_than_ranks_or_uneven_ones(tmp_p
         assert p.returncode == 0, p.stderr[-3000:]
         reports = [json.load(open(os.path.join(out, "eval.json"))) for out in (one, two)]
         assert reports[0] == reports[1] and reports[0]["n"] == rows
+
+
+def test_resume_refuses_a_checkpoint_that_lacks_a_part_it_needs(tmp_path, capsys):
+    """A checkpoint written without a reference (--beta 0) resumed with one: not a silent partial load (the
+    reference would stay the starting model's weights by chance), but one line naming what is missing."""
+    out = str(tmp_path / "o")
+    g.main(tiny_flags(8, f"--max-steps 1 --max-new-tokens 4 --beta 0 --out {out} --log-completions-every 0"))
+    with pytest.raises(SystemExit) as e:
+        g.main(tiny_flags(8, f"--max-steps 2 --max-new-tokens 4 --beta 0.04 --out {out} --resume"))
+    assert (
+        e.value.code == 2
+        and "checkpoint holds no ref state: resume with the flags" in capsys.readouterr().err
+    )
