@@ -31,13 +31,16 @@ P1 = (
 )
 # P2: the same file's QUESTION_TEMPLATE for an Instruct model: the question, then this, in a user turn.
 P2 = "  Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
-# P3 (StepGRPO, R1-VL arXiv 2503.12937): the sections of Mulberry's reasoning prompt, which R1-VL's release
-# sends (REASONING_PROMPT in eval/qwen2_vl/model.py), in shorter words; then the question.
+# P3 (StepGRPO, R1-VL arXiv 2503.12937): Mulberry's reasoning prompt, as R1-VL's release sends it
+# (REASONING_PROMPT in eval/qwen2_vl/model.py; its warm-up data is written with it), then "Question: " and the
+# question. Its quote after "format: " is never closed, and a space ends "is: ": both as released.
 P3 = (
-    "Solve the question about the image step by step. First describe the image under "
-    "'### Image Description:', then give the rationale under '### Rationales:', then write "
-    "'### Let's think step by step.' and the numbered steps '### Step 1:', '### Step 2:', ..., and end with "
-    "'### The final answer is:' and the answer.\n\n"
+    "Generate an image description based on the question.\nThen, provide a rationale to analyze the question."
+    "\nNext, generate a step-by-step reasoning process to solve the problem. Ensure the steps are logical "
+    "and concise.\nFinally, provide a concise summary of the final answer in the following format: 'The "
+    "final answer is: xxx.\n\nFormat your response with the following sections, separated by ###:\n"
+    "### Image Description:\n### Rationales:\n### Let's think step by step.\n### Step 1:\n### Step 2:\n...\n"
+    "### The final answer is: \n\n"
 )
 # P4 (Vision-R1 arXiv 2503.06749): the question alone, as its release's inference.py sends it; the
 # <think>/<answer> format is taught by the cold-start SFT, not by the prompt.
@@ -49,7 +52,10 @@ def prompt_text(ex, style, processor):
     if style == "base":
         return P1.format(question=ex["question"])
     style = "plain" if ex.get("target") else style
-    text = {"instruct": ex["question"] + P2, "step": P3 + ex["question"]}.get(style, ex["question"])
+    question = ex["question"]
+    if style == "step" and "### Image Description" not in question:  # a row that carries P3 gets it once
+        question = P3 + ("" if "Question: " in question else "Question: ") + question  # as the release
+    text = question + P2 if style == "instruct" else question
     content = [{"type": "image"} for _ in ex["images"]] + [{"type": "text", "text": text}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -512,9 +512,8 @@ def load_models(args, rank, world, device, mesh):
         fail(f"--model {args.model!r}: cannot load it ({str(e).splitlines()[0]})")
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])  # what ends a completion (G9)
-    # Hub generation configs sample nearly greedily (Qwen2-VL-Instruct: top_k=1, top_p=0.001, repetition
-    # penalty 1.05): RL samples from, and scores, the plain distribution at T (G8, I1), and never samples a
-    # vision token (I5), which would break the scoring forward.
+    # Hub generation configs sample nearly greedily (Instruct: top_k 1, top_p 0.001): RL samples and scores
+    # the plain distribution at T (G8, I1), never a vision token (I5), which would break the scoring forward.
     banned = tok.convert_tokens_to_ids(VISION_TOKENS)
     plain = dict(do_sample=True, top_k=0, top_p=1.0, repetition_penalty=1.0, suppress_tokens=banned)
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, **plain)
@@ -546,9 +545,8 @@ def shard(model, mesh, device, bf16):
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
-    # FSDP takes the first module to run forward as its root; transformers' generate runs the vision tower
-    # alone first. A text-only forward through the root settles it. Reshard after it: the root stays
-    # gathered after a forward, and an optimizer built now would hold those copies, not the shards.
+    # FSDP's root is the first module to run forward (generate runs the tower first): a text-only forward
+    # settles it. Then reshard: an optimizer built now would hold the root's gathered copies, not the shards.
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     model.reshard()
@@ -732,9 +730,9 @@ def run_eval(exs, args, run, name):
 
 # ------------------------------------------------------------------ checkpoints and metrics
 def save_checkpoint(run, opt, sched, args, phase, step):
-    """OUT/checkpoints/<phase>-<step>/ (I10): the model for transformers (save_pretrained on rank 0) and, for
-    --resume, every rank's shards of model, optimizer and reference (DCP) and the schedule. Written aside,
-    renamed, then linked from OUT/checkpoint: a kill mid-write leaves the previous checkpoint whole."""
+    """OUT/checkpoints/<phase>-<step>/ (I10): the model for transformers (save_pretrained), and for --resume
+    the shards of model, optimizer, reference, and the schedule. Written aside, renamed, then OUT/checkpoint
+    links to it: a kill mid-write leaves the previous checkpoint whole."""
     root = os.path.join(args.out, "checkpoints")
     name = f"{phase}-{step:06d}"
     tmp = os.path.join(root, ".tmp-" + name)

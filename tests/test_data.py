@@ -384,3 +384,21 @@ def test_r1zero_default_is_15k_sat_rows_for_3750_steps_and_tiny_still_loads():
     assert "**3,750 steps**" in open(os.path.join(os.path.dirname(data.__file__), "README.md")).read()
     demo = g.parse_args(tiny.flags())  # the tiny run's synthetic data: 2,000 rows, under the cap
     assert len(load_examples(demo.data, "train", max_rows=demo.max_rows)) == 2000
+
+
+def test_prompt_p3_is_the_released_reasoning_prompt(processor):
+    """R1-VL's eval/qwen2_vl/model.py: REASONING_PROMPT.format(question='Question: ' + q), 'Question: ' added
+    only when missing; a row that carries the prompt already (### Image Description) is sent as it is."""
+    released = (
+        "Generate an image description based on the question.\nThen, provide a rationale to analyze the "
+        "question.\nNext, generate a step-by-step reasoning process to solve the problem. Ensure the steps "
+        "are logical and concise.\nFinally, provide a concise summary of the final answer in the following "
+        "format: 'The final answer is: xxx.\n\nFormat your response with the following sections, "
+        "separated by ###:\n"
+        "### Image Description:\n### Rationales:\n### Let's think step by step.\n### Step 1:\n### Step 2:\n"
+        "...\n### The final answer is: \n\nQuestion: How many red shapes are there?"
+    )
+    user = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+    for question in ("How many red shapes are there?", "Question: How many red shapes are there?", released):
+        p3 = data.prompt_text({"images": ["a.png"], "question": question}, "step", processor)
+        assert p3.endswith(user + released + "<|im_end|>\n<|im_start|>assistant\n"), (question, p3)
