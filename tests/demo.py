@@ -2,11 +2,11 @@
 
 0. tests/tiny.py writes a random 0.2M-parameter Qwen2-VL folder and tests/shapes.py two data sets in the
    plain schema: the four CV-Bench-style tasks (Count, Relation, Depth, Distance) and the Color task.
-1. An SFT warm-up on the four tasks teaches the random model the r1zero answer format:
-   <think> ... </think><answer>(X)</answer>. Those tasks are too hard for so small a model in minutes, so it
-   learns the format and guesses the answers.
+1. An SFT warm-up on the four tasks, and on Color questions with random answers, teaches the random model
+   the r1zero answer format: <think> ... </think><answer>(X)</answer>. The four tasks are too hard for so
+   small a model in minutes, so it learns the format and guesses the answers.
 2. GRPO then trains it on the Color task (one big shape; four colours, always listed in the same order),
-   which the warm-up never showed it: only the reward tells it which letter is right.
+   whose right answers the warm-up never showed it: only the reward tells it which letter is right.
 3. Greedy decoding on 200 held-out Color questions (another seed) before and after GRPO: the table.
 
 Any flag of grpo_vl.py given to ./run.sh demo overrides the recipe below; --seed N also builds the model
@@ -27,14 +27,15 @@ import tiny  # noqa: E402
 
 def recipe(out, seed, quick):
     """The demo's flags: the fixtures it writes under OUT, then the run."""
-    sft_rows = 64 if quick else 6400  # one epoch of 8-example steps: 8 or 800 warm-up steps
+    sft_rows = 64 if quick else 4000  # one epoch of 8-example steps: 8 or 500 warm-up steps
     return [
         "--variant",
         "r1zero",
         "--model",
         tiny.write(os.path.join(out, "model"), seed),
         "--sft-data",
-        shapes.write(os.path.join(out, "shapes"), sft_rows, seed),
+        # the four tasks and blind Color rows (random answers): the format, on Color questions too
+        shapes.write(os.path.join(out, "shapes"), sft_rows, seed, shapes.TASKS + ("Color",), blind=True),
         "--sft-epochs",
         "1",
         "--sft-lr",

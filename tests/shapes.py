@@ -37,9 +37,11 @@ def draw(d, shape, color, x, y, r, drawn):
         d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
 
 
-def synthetic_rows(n, seed, tasks=TASKS):
+def synthetic_rows(n, seed, tasks=TASKS, blind=False):
     """n rows of coloured shapes in CV-Bench's schema, `tasks` in turn: Count, Relation (left/right), Depth
-    (the bigger is closer), Distance; Color, the demo's easy one, lists its choices in one order. Seeded."""
+    (the bigger is closer), Distance; Color, the demo's easy one, lists its choices in one order. Seeded.
+    blind: a Color row's answer is a random letter and it has no solution (which would name the colour): SFT
+    on such rows teaches the answer format on Color questions, not which colour is right."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -111,6 +113,9 @@ def synthetic_rows(n, seed, tasks=TASKS):
             f"### Rationales:\nThe question is about {task.lower()}; I compare the shapes in the image.\n"
             f"### Let's think step by step.\n{numbered}{FINAL} {answer}"
         )
+        if blind and task == "Color":
+            answer = f"({rng.choice(LETTERS[:4])})"
+            solution = None
         rows.append(
             {
                 "image": img,
@@ -128,7 +133,7 @@ def synthetic_rows(n, seed, tasks=TASKS):
     return rows
 
 
-def write(folder, n=64, seed=0, tasks=TASKS):
+def write(folder, n=64, seed=0, tasks=TASKS, blind=False):
     """n rows of `tasks` as folder/rows.jsonl, each image as folder/images/<row>.png (a relative path).
     Written once: a folder that holds rows.jsonl already is left as it is. Returns the file's path."""
     path = os.path.join(folder, "rows.jsonl")
@@ -137,7 +142,7 @@ def write(folder, n=64, seed=0, tasks=TASKS):
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     tmp = path + f".{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        for i, row in enumerate(synthetic_rows(n, seed, tasks)):
+        for i, row in enumerate(synthetic_rows(n, seed, tasks, blind)):
             name = f"images/{i:05d}.png"
             row.pop("image").save(os.path.join(folder, name))
             f.write(json.dumps({"image": name, **row}) + "\n")
