@@ -222,6 +222,8 @@ def rollout(model, exs, args, run, seed):
     per prompt. Returns one batch per prompt: the prompt encoded once, its completions (G, C), their masks
     (G9) and "idx": completion j of this rank's step answers prompt j // G (I8)."""
     G = args.num_generations
+    # gathered (below): no forward needs the other ranks, so none waits on them token by token (synced_gpus)
+    sampling = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, synced_gpus=False)
     batches = []
     with gathered(model):
         for j, ex in enumerate(exs):
@@ -229,12 +231,7 @@ def rollout(model, exs, args, run, seed):
             torch.manual_seed(seed + j)  # seed + the prompt's index in the step: free of the rank count
             with shared_vision(G, model):  # the prefill encodes the prompt's image once, not G times
                 inputs = copies(prompt, G, run.device)  # (G, L)
-                seqs = model.generate(  # gathered: no rank need wait on the others token by token
-                    **inputs,
-                    temperature=args.temperature,
-                    max_new_tokens=args.max_new_tokens,
-                    synced_gpus=False,
-                )
+                seqs = model.generate(**inputs, **sampling)
             b = {"prompt": prompt, "completion": seqs[:, prompt["input_ids"].shape[1] :].cpu()}  # (G, C)
             b["mask"], b["truncated"] = completion_mask(b["completion"], run.eos)
             b["idx"] = torch.arange(j * G, (j + 1) * G)
@@ -566,9 +563,8 @@ def gathered(model):
         yield
     finally:
         for m in sharded:
-            m.set_reshard_after_forward(
-                m is not model, recurse=False
-            )  # the root stays gathered: FSDP's default
+            # FSDP's default again: a module reshards after its forward, but the root stays gathered
+            m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
         model.train()  # back to training mode, where load_models left it
 
@@ -685,18 +681,14 @@ def clip_and_step(opt):
 def run_eval(exs, args, run, name):
     """Protocol E: greedy decoding, judged as the recipe's rewards judge. Accuracy over all rows (as
     VisualThinker's 59.47%), per task, and CV-Bench's ((ADE20K + COCO) / 2 + Omni3D) / 2: OUT/<name>.json."""
-    mine = exs[run.rank :: run.world]
+    mine = exs[run.rank :: run.world]  # a rank may have fewer rows, or none: gathered() needs no forward
+    greedy = dict(do_sample=False, max_new_tokens=args.eval_max_new_tokens, synced_gpus=False)
     results = []
     with gathered(run.model), run.amp:
         for s in range(0, len(mine), 16):
             chunk = mine[s : s + 16]
             b = data.encode(run.processor, chunk, PROMPT[args.variant], args.max_pixels)
-            seqs = run.model.generate(
-                **copies(b, 1, run.device),
-                do_sample=False,
-                max_new_tokens=args.eval_max_new_tokens,
-                synced_gpus=False,
-            )
+            seqs = run.model.generate(**copies(b, 1, run.device), **greedy)
             o = seqs[:, b["input_ids"].shape[1] :].cpu()  # the completions
             lengths = completion_mask(o, run.eos)[0].sum(1).tolist()  # counted as G9 counts them
             for ex, text, n in zip(chunk, run.processor.batch_decode(o, True), lengths):

@@ -276,8 +276,8 @@ MUTANTS = [
     Mutant(
         "FSDP not resharded after the rollout",
         "grpo_vl.py",
-        "                m.reshard()",
-        "                pass",
+        "            m.reshard()",
+        "            pass",
         FSDP,
     ),
     Mutant(
@@ -290,8 +290,8 @@ MUTANTS = [
     Mutant(
         "FSDP rollouts all-gather every token",
         "grpo_vl.py",
-        "model.set_reshard_after_forward(False)  # recursively",
-        "pass  # recursively",
+        "m.set_reshard_after_forward(False, recurse=False)  # kept gathered",
+        "pass  # kept gathered",
         FSDP,
     ),
     Mutant(
