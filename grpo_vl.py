@@ -83,7 +83,7 @@ class Args:
     micro_batch: int = flag(8, "sequences per forward/backward pass (gradients accumulate within a step)")
     precision: str = flag("auto", "bf16 or fp32 compute (auto: bf16 on GPU)", ("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = flag(True, "recompute activations in the backward pass (saves memory)")
-    freeze: str = flag("", "freeze the vision tower or the LLM (r1zero ablations)", ("", "vision", "llm"))
+    freeze: str = flag("", "freeze the vision tower or the LLM (an ablation)", ("", "vision", "llm"))
     seed: int = flag(0, "seed of the data order and the sampling")
     save_every: int = flag(100, "checkpoint every N steps (0: never) and at the end of each phase")
     eval_every: int = flag(0, "evaluate on --eval-data at the start of RL, every N steps and at the end")
@@ -105,9 +105,10 @@ VARIANTS = {
         rewards="step_accuracy,step_validity",
         num_generations=4,
         temperature=1.2,
-        max_new_tokens=1024,
+        max_new_tokens=1024,  # the paper's "maximum length"; the 2B script caps prompt + completion (vLLM)
         max_pixels=400000,
         prompts_per_step=4,  # the paper's batch size 4
+        max_steps=13125,  # the released 2B script's (src/r1-vl/run_grpo_2b_vllm.sh): ~5 passes over 10K rows
         data="",
         sft_epochs=2,
         sft_lr=1e-5,  # the paper's, for 2B (5e-6 for 7B); the released config used 2e-5
@@ -401,8 +402,7 @@ def main(argv=None):
     barrier(finish=True)
 
 
-# ================================================================================ plumbing
-# What follows is engineering, not the algorithm: a learner may stop reading here.
+# ==================================================== plumbing: engineering, not the algorithm (skip it)
 # ------------------------------------------------------------------ flags
 def parse_args(argv=None):
     """Args from the command line, over the defaults of the --variant (which --help shows)."""
