@@ -407,8 +407,17 @@ def main(argv=None):
 def parse_args(argv=None):
     """Args from the command line, over the defaults of the --variant (which --help shows)."""
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--variant", default="r1zero", choices=VARIANTS)
-    defaults = {**asdict(Args()), **VARIANTS[first.parse_known_args(argv)[0].variant]}
+    first.add_argument("--variant", choices=VARIANTS)
+    first.add_argument("--model", default="")
+    first.add_argument("--eval", action="store_true")
+    given = first.parse_known_args(argv)[0]
+    variant = given.variant or "r1zero"
+    saved = os.path.join(
+        given.model, "progress.json"
+    )  # in a checkpoint of ours: the flags it was trained with
+    if given.eval and not given.variant and os.path.isfile(saved):  # evaluated with its own prompt
+        variant = json.load(open(saved))["args"]["variant"]
+    defaults = {**asdict(Args()), "variant": variant, **VARIANTS[variant]}
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="default: the --variant's value")
     for f in fields(Args):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
@@ -425,7 +434,7 @@ def parse_args(argv=None):
         p.error(f"--model {args.model!r}: no such folder, and not a hub id (owner/name)")
     if not (args.data or args.sft_epochs or args.eval):
         p.error(f"--variant {args.variant} needs --data (its RL rows), or --sft-data with --sft-epochs")
-    if args.sft_epochs and not args.sft_data:
+    if args.sft_epochs and not args.sft_data and not args.eval:
         p.error("--sft-epochs needs --sft-data (rows with a solution or an answer, or chat rows)")
     try:
         stages = parse_ptst(args.ptst)
@@ -693,7 +702,8 @@ def run_eval(exs, args, run, name):
             lengths = completion_mask(o, run.eos)[0].sum(1).tolist()  # counted as G9 counts them
             for ex, text, n in zip(chunk, run.processor.batch_decode(o, True), lengths):
                 text = completion_text(text, args)
-                result = {"completion_len": n, "task": ex["task"], "source": ex["source"]}
+                result = {"task": ex["task"], "source": ex["source"], "question": ex["question"]}
+                result.update(answer=ex["answer"], completion=text, completion_len=n)
                 if PROMPT[args.variant] == "step":  # P3's sections (R4, R5)
                     result["accuracy"] = float(R.is_correct(R.step_answer(text), ex))
                     result["format"] = R.step_validity(text)
@@ -717,6 +727,8 @@ def run_eval(exs, args, run, name):
     if run.rank == 0:
         print(f"{name}: {json.dumps(report)}")
         json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
+        with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:  # each row: what the model said
+            f.writelines(json.dumps(r) + "\n" for r in results)
     return report
 
 

@@ -162,6 +162,11 @@ def test_two_steps_on_a_plain_jsonl_with_image_paths(tmp_path):
     assert all(gold[t["question"]] == t["answer"] for t in lines)  # the rewards saw the rows' own answers
     report = json.load(open(os.path.join(out, "eval_step2.json")))
     assert report["n"] == 4 and set(report["per_task"]) == {"untagged"}
+    said = [json.loads(x) for x in open(os.path.join(out, "eval_step2.jsonl"))]  # each row, what was said
+    assert sorted(r["question"] for r in said) == sorted(gold) and all(
+        gold[r["question"]] == r["answer"] for r in said
+    )
+    assert sum(r["accuracy"] for r in said) / 4 == report["accuracy"] and all("completion" in r for r in said)
 
 
 def test_the_readmes_jsonl_examples_load(tmp_path):

@@ -319,3 +319,15 @@ def test_resume_refuses_a_checkpoint_that_lacks_a_part_it_needs(tmp_path, capsys
         e.value.code == 2
         and "checkpoint holds no ref state: resume with the flags" in capsys.readouterr().err
     )
+
+
+def test_a_checkpoint_is_evaluated_with_the_variant_it_was_trained_with(tmp_path):
+    """--eval --model OUT/checkpoint reads the checkpoint's progress.json: a StepGRPO model is asked with P3
+    and judged by R4/R5, not with r1zero's P1; a --variant given on the command line still wins."""
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "progress.json").write_text(json.dumps({"args": {"variant": "stepgrpo"}}))
+    args = g.parse_args(["--eval", "--model", str(folder)])
+    assert args.variant == "stepgrpo" and args.max_pixels == 400000 and g.PROMPT[args.variant] == "step"
+    assert g.parse_args(["--eval", "--model", str(folder), "--variant", "grpo"]).variant == "grpo"
+    assert g.parse_args(["--model", str(folder), "--data", "x"]).variant == "r1zero"  # training: as given
