@@ -512,6 +512,7 @@ def load_models(args, rank, world, device, mesh):
     torchrun, the processor, the EOS and banned token ids, and the precision."""
     tf.utils.logging.disable_progress_bar()
     try:
+        dtype = tf.AutoConfig.from_pretrained(args.model).dtype or torch.float32  # bf16 for Qwen's releases
         model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
         processor = tf.AutoProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as e:  # not a model folder, or a hub id neither cached nor reachable
@@ -542,6 +543,7 @@ def load_models(args, rank, world, device, mesh):
     # one process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun
     amp = torch.autocast(device.type, torch.bfloat16) if bf16 and mesh is None else contextlib.nullcontext()
     run = dict(model=model, ref=ref, processor=processor, eos=eos, banned=banned, amp=amp, device=device)
+    run["dtype"] = dtype  # what checkpoints are saved in: the model's own, not the fp32 it trains in
     return SimpleNamespace(**run, rank=rank, world=world)
 
 
@@ -744,7 +746,11 @@ def save_checkpoint(run, opt, sched, args, phase, step):
     full = dsd.get_model_state_dict(run.model, options=options)
     if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = {k: v.to(run.dtype) for k, v in full.items()}
         run.model.save_pretrained(tmp, state_dict=full)  # FSDP's class writes the hub's key layout too
+        config = copy.deepcopy(run.model.config)  # save_pretrained wrote the fp32 of the live model
+        config.dtype = run.dtype
+        config.save_pretrained(tmp)
         run.processor.save_pretrained(tmp)
         progress = {"phase": phase, "step": step, "sched": sched.state_dict(), "args": asdict(args)}
         json.dump(progress, open(os.path.join(tmp, "progress.json"), "w"), indent=1)

@@ -331,3 +331,28 @@ def test_a_checkpoint_is_evaluated_with_the_variant_it_was_trained_with(tmp_path
     assert args.variant == "stepgrpo" and args.max_pixels == 400000 and g.PROMPT[args.variant] == "step"
     assert g.parse_args(["--eval", "--model", str(folder), "--variant", "grpo"]).variant == "grpo"
     assert g.parse_args(["--model", str(folder), "--data", "x"]).variant == "r1zero"  # training: as given
+
+
+def test_a_checkpoint_is_saved_in_the_models_own_dtype(tmp_path):
+    """A bf16 model folder (as Qwen's releases are) trains in fp32 and is saved in bf16: half the disk, what
+    users expect; transformers loads it. The fp32 training state for --resume is unchanged (train_state/)."""
+    import safetensors
+    import transformers as tf
+
+    folder = str(tmp_path / "bf16")
+    tf.AutoModelForImageTextToText.from_pretrained(
+        fixtures.model_dir(), dtype=torch.bfloat16
+    ).save_pretrained(folder)
+    tf.AutoProcessor.from_pretrained(fixtures.model_dir()).save_pretrained(folder)
+    out = str(tmp_path / "o")
+    g.main(
+        tiny_flags(
+            8, f"--model {folder} --max-steps 1 --max-new-tokens 4 --out {out} --log-completions-every 0"
+        )
+    )
+    saved = os.path.join(out, "checkpoint")
+    with safetensors.safe_open(os.path.join(saved, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.load(open(os.path.join(saved, "config.json")))["dtype"] == "bfloat16"
+    loaded = tf.AutoModelForImageTextToText.from_pretrained(saved, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
