@@ -159,7 +159,7 @@ def from_plain(row, folder):
     answer = row.get("answer")
     if answer is None:  # step-wise CoT rows
         answer = step_answer(solution or "")
-    answer = str(answer or "").strip()
+    answer = "" if answer is None else str(answer).strip()  # 0 is an answer
     if not answer:
         raise ValueError(f"no answer (nor a '{FINAL}' line in a solution)")
     if choices and answer not in choices:  # then it is a letter: "B" or "(B)"

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import data
+import rewards as R
 import shapes
 import tiny
 from data import load_examples
@@ -402,3 +403,11 @@ def test_prompt_p3_is_the_released_reasoning_prompt(processor):
     for question in ("How many red shapes are there?", "Question: How many red shapes are there?", released):
         p3 = data.prompt_text({"images": ["a.png"], "question": question}, "step", processor)
         assert p3.endswith(user + released + "<|im_end|>\n<|im_start|>assistant\n"), (question, p3)
+
+
+def test_a_zero_answer_is_an_answer(tmp_path):
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "How many blue shapes?", "answer": 0}]
+    (tmp_path / "zero.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (ex,) = load_examples(str(tmp_path / "zero.jsonl"), "train")
+    assert ex["answer"] == "0" and R.accuracy("<answer>0</answer>", ex) == 1.0
