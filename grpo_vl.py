@@ -412,9 +412,7 @@ def parse_args(argv=None):
     first.add_argument("--eval", action="store_true")
     given = first.parse_known_args(argv)[0]
     variant = given.variant or "r1zero"
-    saved = os.path.join(
-        given.model, "progress.json"
-    )  # in a checkpoint of ours: the flags it was trained with
+    saved = os.path.join(given.model, "progress.json")  # a checkpoint of ours: the flags it was trained with
     if given.eval and not given.variant and os.path.isfile(saved):  # evaluated with its own prompt
         variant = json.load(open(saved))["args"]["variant"]
     defaults = {**asdict(Args()), "variant": variant, **VARIANTS[variant]}
@@ -783,12 +781,13 @@ def resume(model, opt, sched, ref, args):
     """Load what save_checkpoint wrote into this phase's model, optimizer, schedule (and reference)."""
     path = os.path.join(args.out, "checkpoint")
     state = train_state(model, opt, ref)
-    saved = dcp.FileSystemReader(os.path.join(path, "train_state")).read_metadata().state_dict_metadata
+    state_path = os.path.join(path, "train_state")
+    saved = dcp.FileSystemReader(state_path).read_metadata().state_dict_metadata
     if missing := sorted(set(state) - {key.split(".")[0] for key in saved}):  # "model.x.y" -> "model"
         fail(f"{path} holds no {missing[0]} state: resume with the flags it was written with (--beta)")
     # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
     planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), planner=planner)
+    dcp.load(state, checkpoint_id=state_path, planner=planner)
     dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ref is not None:
         dsd.set_model_state_dict(ref, state["ref"])
