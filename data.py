@@ -12,7 +12,6 @@ import os
 import random
 import re
 
-import pyarrow.compute as pc
 from PIL import Image
 from qwen_vl_utils import fetch_image
 
@@ -267,7 +266,9 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
         adapter = functools.partial(from_sat, rng=random.Random(seed))
         if isinstance(rows, list):
             counts = [len(row.get("image_bytes") or []) for row in rows]
-        else:  # read from the arrow list offsets: no image is touched
+        else:  # read from the arrow list offsets: no image is touched (pyarrow comes with datasets)
+            import pyarrow.compute as pc
+
             counts = pc.list_value_length(rows.with_format("arrow")["image_bytes"]).to_pylist()
         keep = [i for i, n in enumerate(counts) if n == 1]
         print(f"{spec}: kept the {len(keep)} single-image rows of {len(rows)}")
