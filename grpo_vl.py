@@ -133,6 +133,7 @@ PROMPT = {"r1zero": "base", "grpo": "instruct", "stepgrpo": "step", "vision-r1":
 EPS = 0.2  # the clip range epsilon of G5: DeepSeekMath's and the three papers' released value
 MAX_GRAD_NORM = 1.0  # gradient-norm clip, as the papers' released code
 LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 512 x 151,936 x 4 B = 0.3 GB
+AUTO_MODEL = tf.AutoModelForImageTextToText  # Qwen2-VL's or Qwen2.5-VL's class, by the config
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # never sampled (I5)
 
 
@@ -506,13 +507,15 @@ def over_ranks(stats, device):
 
 
 def load_models(args, rank, world, device, mesh):
-    """The policy (fp32 master weights), the frozen reference (G4; none when beta = 0), each sharded under
-    torchrun, the processor, the EOS and banned token ids, and the precision."""
+    """The policy (fp32 master weights), the frozen reference (G4; none when beta = 0), the processor, the EOS
+    and banned token ids, and the precision. The weights are read once, by rank 0: under torchrun both models
+    are built empty (meta device) and sharded, then rank 0 sends each rank its shards (I9)."""
     tf.utils.logging.disable_progress_bar()
     try:
-        dtype = tf.AutoConfig.from_pretrained(args.model).dtype or torch.float32  # bf16 for Qwen's releases
-        model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+        config = tf.AutoConfig.from_pretrained(args.model)
         processor = tf.AutoProcessor.from_pretrained(args.model)
+        dtype = torch.float32 if mesh is None else config.dtype  # torchrun: read in the model's own dtype
+        loaded = AUTO_MODEL.from_pretrained(args.model, dtype=dtype) if rank == 0 or not mesh else None
     except (OSError, ValueError) as e:  # not a model folder, or a hub id neither cached nor reachable
         fail(f"--model {args.model!r}: cannot load it ({str(e).splitlines()[0]})")
     tok = processor.tokenizer
@@ -521,8 +524,19 @@ def load_models(args, rank, world, device, mesh):
     # the plain distribution at T (G8, I1), never a vision token (I5), which would break the scoring forward.
     banned = tok.convert_tokens_to_ids(VISION_TOKENS)
     plain = dict(do_sample=True, top_k=0, top_p=1.0, repetition_penalty=1.0, suppress_tokens=banned)
+    with_ref = args.beta > 0 and not args.eval
+    if mesh is None:  # one process: the model on its device, the reference a copy there
+        model = loaded.to(device)
+        ref = copy.deepcopy(model) if with_ref else None
+    else:
+        with torch.device("meta"):  # shapes only, no memory: filled in shard()
+            model = AUTO_MODEL.from_config(config, dtype=torch.float32)
+            ref = AUTO_MODEL.from_config(config, dtype=torch.float32) if with_ref else None
+        if loaded is not None:  # rank 0 saves: in the key layout the weights were read in (the hub's)
+            model._weight_conversions = getattr(loaded, "_weight_conversions", None)
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, **plain)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 and not args.eval else None
+    if ref is not None:
+        ref.eval().requires_grad_(False)
     # the r1zero ablations, really frozen (the released flag assigned to a method and froze nothing)
     if args.freeze == "vision":
         model.model.visual.requires_grad_(False)
@@ -535,22 +549,29 @@ def load_models(args, rank, world, device, mesh):
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     for m in (model, ref):
         if m is not None and mesh is not None:
-            shard(m, mesh, device, bf16)
-        elif m is not None:
-            m.to(device)
+            shard(m, loaded, mesh, device, bf16)
     # one process: bf16 autocast over the fp32 weights, as FSDP's mixed-precision policy does under torchrun
     amp = torch.autocast(device.type, torch.bfloat16) if bf16 and mesh is None else contextlib.nullcontext()
     run = dict(model=model, ref=ref, processor=processor, eos=eos, banned=banned, amp=amp, device=device)
-    run["dtype"] = dtype  # what checkpoints are saved in: the model's own, not the fp32 it trains in
+    run["dtype"] = config.dtype or torch.float32  # checkpoints are saved in it: bf16 for Qwen's releases
     return SimpleNamespace(**run, rank=rank, world=world)
 
 
-def shard(model, mesh, device, bf16):
-    """I9: fully_shard each vision block, each decoder layer, the vision tower, then the root. With bf16:
-    bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
+def shard(model, loaded, mesh, device, bf16):
+    """I9: fully_shard each vision block, each decoder layer, the vision tower, then the root, of the empty
+    model; then fill its shards from rank 0's `loaded` model. With bf16: bf16 compute over fp32 master
+    weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=device)  # this rank's shards, allocated, not yet filled
+    weights = loaded.state_dict() if loaded is not None else {}  # rank 0's full weights; {} elsewhere
+    options = dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dsd.set_model_state_dict(model, weights, options=options)  # broadcast; each rank keeps its shards (fp32)
+    for name, buffer in model.named_buffers():  # in no state dict (rotary frequencies): sent whole
+        if loaded is not None:
+            buffer.copy_(loaded.get_buffer(name))
+        dist.broadcast(buffer, 0)
     # FSDP's root is the first module to run forward (generate runs the tower first): a text-only forward
     # settles it. Then reshard: an optimizer built now would hold the root's gathered copies, not the shards.
     with torch.no_grad():
@@ -744,7 +765,8 @@ def save_checkpoint(run, opt, sched, args, phase, step):
     full = dsd.get_model_state_dict(run.model, options=options)
     if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = {k: v.to(run.dtype) for k, v in full.items()}
+        tied = run.model.all_tied_weights_keys  # {"lm_head.weight": its embeddings} when tied: saved once
+        full = {k: v.to(run.dtype) for k, v in full.items() if k not in tied}
         run.model.save_pretrained(tmp, state_dict=full)  # FSDP's class writes the hub's key layout too
         config = copy.deepcopy(run.model.config)  # save_pretrained wrote the fp32 of the live model
         config.dtype = run.dtype

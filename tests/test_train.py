@@ -244,6 +244,15 @@ def test_fsdp_rollouts_gather_once_and_match_unsharded():
     assert "rank 0: generated 3 tokens" in out and "rank 1: generated 40 tokens" in out
 
 
+def test_under_torchrun_only_rank_0_reads_the_weights():
+    """Issue 20: the policy and the reference are built empty and filled from rank 0's one read, so no other
+    rank ever holds the full model (tests/README.md, "Host memory at load", has the measured figures)."""
+    out = run([*learning.TWO, "tests/load_memory_worker.py"], timeout=120)
+    assert "rank 0: P = " in out and "rank 1: P = " in out, out
+    assert "rank 0: P = 1.5M, read the weights 1 time(s)" in out, out
+    assert "rank 1: P = 1.5M, read the weights 0 time(s)" in out, out
+
+
 @pytest.mark.parametrize("part", ["vision", "llm"])
 def test_freeze_really_freezes(tmp_path, part):
     out = str(tmp_path / part)

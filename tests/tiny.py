@@ -31,9 +31,10 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<|i
 SPECIAL += ["<|vision_start|>", "<|vision_end|>"]  # Qwen2-VL's special tokens
 
 
-def build(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
+def build(seed=0, hidden=64, layers=2, qwen25=False, tower=None, tied=False):
     """A random-weight Qwen2-VL or Qwen2.5-VL (~0.2M parameters) with a byte-level BPE tokenizer trained on
-    the spot on the prompts and the synthetic task: real processor, real model class, no download."""
+    the spot on the prompts and the synthetic task: real processor, real model class, no download. tied:
+    lm_head is embed_tokens (tie_word_embeddings), as in the real Qwen2-VL-2B."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     rows = shapes.synthetic_rows(200, 12345)
@@ -75,7 +76,7 @@ def build(seed=0, hidden=64, layers=2, qwen25=False, tower=None):
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         **special,
     )
     torch.manual_seed(seed)
@@ -107,8 +108,10 @@ CACHE = os.path.join(HERE, ".fixtures")  # built once, reused by every test and 
 
 
 def model_dir(kind="tiny", seed=0):
-    """The cached folder of the tiny model ('tiny') or its Qwen2.5-VL twin ('tiny-2.5')."""
-    return write(os.path.join(CACHE, f"{kind}-{seed}"), seed, qwen25=kind == "tiny-2.5")
+    """The cached folder of the tiny model ('tiny'), its Qwen2.5-VL twin ('tiny-2.5') or its twin whose
+    lm_head is tied to embed_tokens ('tiny-tied')."""
+    folder = os.path.join(CACHE, f"{kind}-{seed}")
+    return write(folder, seed, qwen25=kind == "tiny-2.5", tied=kind == "tiny-tied")
 
 
 def data_file(n=64, seed=0, tasks=shapes.TASKS):

@@ -4,6 +4,7 @@ log-prob and no gradient shard of a GRPO loss (compared with grpo_vl.shared_visi
 for a prompt of one image and a prompt of two on each rank, and the tower sees each prompt's images once per
 pass."""
 
+import copy
 import os
 import sys
 
@@ -37,8 +38,8 @@ for name in ("tiny", "tiny-2.5"):
     model = run.model
     model.generation_config.do_sample = False  # greedy: rollouts comparable
     ref = perturbed(model)
-    g.shard(model, mesh, cpu, bf16=False)
-    g.shard(ref, mesh, cpu, bf16=False)
+    for m in (model, ref):  # emptied and filled from a copy, as load_models fills the meta-built models
+        g.shard(m, copy.deepcopy(m), mesh, cpu, bf16=False)
     seen = count_images(model)
     rollouts_and_steps_agree(model, ref, exs, args, run, cpu)
     # each prompt's greedy prefill, then the policy's forward of each prompt's batch: once, or G times
