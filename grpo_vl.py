@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from statistics import fmean
 from types import SimpleNamespace
 
+import huggingface_hub
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -109,7 +110,8 @@ VARIANTS = {
         max_pixels=400000,
         prompts_per_step=4,  # the paper's batch size 4
         max_steps=13125,  # the released 2B script's (src/r1-vl/run_grpo_2b_vllm.sh): ~5 passes over 10K rows
-        data="",
+        data="data/R1-VL-10K",  # R1-VL's released RL rows (data.RELEASES says how to get them)
+        sft_data="data/Mulberry-SFT/mulberry_images/mulberry_sft.json",  # Mulberry-260K, the paper's warm-up
         sft_epochs=2,
         sft_lr=1e-5,  # the paper's, for 2B (5e-6 for 7B); the released config used 2e-5
         sft_batch=128,
@@ -117,9 +119,12 @@ VARIANTS = {
     "vision-r1": dict(  # Vision-R1 (arXiv 2503.06749): cold-start SFT, then GRPO with R6 under PTST
         model="Qwen/Qwen2.5-VL-7B-Instruct",
         rewards="hard_format",
-        ptst="4096:16:100,8192:8:100",  # 100 steps per stage is our default, not a published number
-        data="",
-        sft_epochs=2,
+        beta=0.01,  # the paper's (section 3.4); it states no lr, T or prompts per step: ours are r1zero's
+        ptst="4096:16:100,8192:8:100",  # 100 steps at 4K tokens, G 16, then 100 at 8K, G 8: sections 3.4, 4.1
+        data="Osilly/Vision-R1-rl",  # its released RL rows (geometry3k's layout, images inside): the hub
+        sft_data="data/Vision-R1-cold/vision_r1_llava_cot_full.json,"  # Vision-R1-cold: its two files
+        "data/Vision-R1-cold/vision_r1_mulberry_sft_full.json",
+        sft_epochs=2,  # section 4.1; lr, warm-up, batch (32 GPUs x 1): the release's cold-start train.yaml
         sft_lr=5e-6,
         sft_warmup=0.05,
         sft_weight_decay=0.0,
@@ -455,17 +460,25 @@ def parse_ptst(spec):
 
 
 def fail(message):
-    """A mistake in the input ends the run: one line naming it, exit status 2 (as for a bad flag)."""
-    print(f"grpo_vl.py: error: {message}", file=sys.stderr)
+    """A mistake in the input ends the run: one line naming it (by rank 0), exit 2 (as for a bad flag)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"grpo_vl.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def load_data(spec, split, args, max_rows=0, sft=False):
-    """data.load_examples, before any model is loaded: any mistake in the data is one line, exit 2."""
+    """data.load_examples of each comma-separated part, before any model is loaded: any mistake in the data is
+    one line, exit 2."""
+    exs = []
     try:
-        exs = data.load_examples(spec, split, args.seed, args.skip_bad_rows, max_rows, sft)
+        for part in spec.split(","):
+            exs += data.load_examples(part, split, args.seed, args.skip_bad_rows, max_rows, sft)
     except (ValueError, OSError) as e:
         fail(e)
+    if sft and PROMPT[args.variant] == "step":  # R1-VL warms up on Mulberry-260K less its reflective rows
+        kept = [ex for ex in exs if data.REFLECTION not in (ex.get("target") or ex.get("solution") or "")]
+        print(f"{spec}: left out {len(exs) - len(kept)} reflective rows ({data.REFLECTION!r}), as R1-VL does")
+        exs = kept
     if PROMPT[args.variant] == "base" and (bad := [ex for ex in exs if len(ex["images"]) != 1]):
         fail(f"data set {spec!r}, row {bad[0]['row']}: {len(bad[0]['images'])} images; P1 has one image slot")
     return exs
@@ -511,13 +524,15 @@ def load_models(args, rank, world, device, mesh):
     and banned token ids, and the precision. The weights are read once, by rank 0: under torchrun both models
     are built empty (meta device) and sharded, then rank 0 sends each rank its shards (I9)."""
     tf.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()  # no line per retry when offline: one line below
     try:
         config = tf.AutoConfig.from_pretrained(args.model)
         processor = tf.AutoProcessor.from_pretrained(args.model)
         dtype = torch.float32 if mesh is None else config.dtype  # torchrun: read in the model's own dtype
         loaded = AUTO_MODEL.from_pretrained(args.model, dtype=dtype) if rank == 0 or not mesh else None
     except (OSError, ValueError) as e:  # not a model folder, or a hub id neither cached nor reachable
-        fail(f"--model {args.model!r}: cannot load it ({str(e).splitlines()[0]})")
+        how = "a model folder, or a hub id: huggingface-cli download ID, or HF_HUB_OFFLINE=0 with a network"
+        fail(f"--model {args.model!r}: cannot load it ({str(e).splitlines()[0]}); expected {how}")
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])  # what ends a completion (G9)
     # Hub generation configs sample nearly greedily (Instruct: top_k 1, top_p 0.001): RL samples and scores

@@ -334,12 +334,27 @@ def row_error(message, path, row, column):
     return message[len(head) :]
 
 
-def test_stepgrpo_needs_data_and_sft_data(capsys):
-    with pytest.raises(SystemExit) as e:
-        g.parse_args(["--variant", "stepgrpo"])
-    assert e.value.code == 2 and "--sft-epochs needs --sft-data" in capsys.readouterr().err
-    for variant in ("stepgrpo", "vision-r1"):  # the warm-up set is not the RL set: no default to --data
+def test_stepgrpo_and_vision_r1_default_to_their_released_data(capsys):
+    """The card's command needs no data flag: the defaults are the releases (test_release_layouts.py checks
+    the line that says how to get them); an SFT phase without SFT data is still a flag error."""
+    step = g.parse_args(["--variant", "stepgrpo"])
+    assert (step.data, step.sft_data) == (
+        "data/R1-VL-10K",
+        "data/Mulberry-SFT/mulberry_images/mulberry_sft.json",
+    )
+    files = ["vision_r1_llava_cot_full.json", "vision_r1_mulberry_sft_full.json"]
+    cold = ",".join(f"data/Vision-R1-cold/{name}" for name in files)
+    assert (
+        g.parse_args(["--variant", "vision-r1"]).data,
+        g.parse_args(["--variant", "vision-r1"]).sft_data,
+    ) == (
+        "Osilly/Vision-R1-rl",
+        cold,
+    )
+    for variant in ("stepgrpo", "vision-r1"):
         with pytest.raises(SystemExit) as e:
-            g.parse_args(["--variant", variant, "--data", "rl.jsonl"])
+            g.parse_args(["--variant", variant, "--sft-data", ""])
         assert e.value.code == 2 and "--sft-epochs needs --sft-data" in capsys.readouterr().err
-        assert g.parse_args(["--variant", variant, "--data", "rl.jsonl", "--sft-epochs", "0"]).sft_data == ""
+        assert (
+            g.parse_args(["--variant", variant, "--data", "rl.jsonl", "--sft-epochs", "0"]).data == "rl.jsonl"
+        )
