@@ -69,6 +69,7 @@ def flag_rows():
 if __name__ == "__main__":
     path = os.path.join(ROOT, "README.md")
     lines = relink(open(path).read()).split("\n")
-    table = [n for n, line in enumerate(lines) if line.startswith("| `--")]
+    flags = lines.index("## Flags")  # the table under it: other tables may name a flag first too
+    table = [n for n, line in enumerate(lines) if n > flags and line.startswith("| `--")]
     lines[table[0] : table[-1] + 1] = flag_rows()
     open(path, "w").write("\n".join(lines))
