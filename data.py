@@ -96,16 +96,12 @@ def sft_target(ex, style):
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: a data set (or a model) on the hub
-# The released data the recipes default to (grpo_vl.VARIANTS): their images sit in archives or in other data
-# sets, out of one load_dataset's reach, so they are downloaded once, by hand (README.md, "The released data")
-HF = "huggingface-cli download --repo-type dataset"
+# The released data the recipes default to (grpo_vl.VARIANTS), by folder: their images sit in archives or
+# other data sets, out of one load_dataset's reach, so README.md ("The released data") has them downloaded
 RELEASES = {
-    "data/Mulberry-SFT": f"{HF} HuanjinYao/Mulberry-SFT --local-dir data/Mulberry-SFT, then extract its "
-    "mulberry_images.tar there and move mulberry_sft.json into the mulberry_images folder it makes",
-    "data/R1-VL-10K": f"{HF} jingyiZ00/R1-VL-10K --local-dir data/R1-VL-10K (its image_path values are read "
-    "from that folder: put Mulberry's images where they point)",
-    "data/Vision-R1-cold": f"{HF} Osilly/Vision-R1-cold --local-dir data/Vision-R1-cold, then put the images "
-    "of Xkev/LLaVA-CoT-100k in its llava_cot_images folder and Mulberry-SFT's in mulberry_images",
+    "data/Mulberry-SFT": "HuanjinYao/Mulberry-SFT",
+    "data/R1-VL-10K": "jingyiZ00/R1-VL-10K",
+    "data/Vision-R1-cold": "Osilly/Vision-R1-cold",
 }
 REFLECTION = "Let me rethink it."  # Mulberry's reflective rows, which R1-VL's warm-up leaves out
 
@@ -231,9 +227,10 @@ def read_rows(spec, split):
     ext = os.path.splitext(spec)[1]
     is_file = os.path.isfile(spec)
     if not (is_file or os.path.isdir(spec) or (not ext and HUB_ID.fullmatch(spec))):
-        for folder, how in RELEASES.items():  # a recipe's default: how to get it
+        for folder, hub_id in RELEASES.items():  # a recipe's default: how to get it
             if spec.startswith(folder):
-                raise ValueError(f"not downloaded: {how}")
+                how = f"huggingface-cli download --repo-type dataset {hub_id} --local-dir {folder}"
+                raise ValueError(f"not downloaded: {how}; its images: README.md, 'The released data'")
         raise ValueError("no such file or folder")
     if is_file and ext in (".json", ".jsonl"):
         text = open(spec, encoding="utf-8").read()

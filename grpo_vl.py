@@ -467,8 +467,7 @@ def fail(message):
 
 
 def load_data(spec, split, args, max_rows=0, sft=False):
-    """data.load_examples of each comma-separated part, before any model is loaded: any mistake in the data is
-    one line, exit 2."""
+    """data.load_examples of each comma-separated part, before a model loads: any mistake is one line."""
     exs = []
     try:
         for part in spec.split(","):
