@@ -1,8 +1,7 @@
 """Data: the prompts (P1-P4), and the data sets, each row turned into one example: {"images": [PIL / path /
 URL / bytes], "question", "answer": the gold text (None for a chat row), "choices": [option texts] or None,
 "task", "source", "row"}, plus "solution" and "key_steps" (step-wise rows, R4) or "target" (a chat row's
-reply, for SFT). Any mistake in a data set is one ValueError line naming the data set and the row and
-column, or the JSON line."""
+reply, for SFT). A mistake in a data set is one ValueError line naming it, its row and column or JSON line."""
 
 import collections
 import functools
@@ -19,9 +18,8 @@ from rewards import FINAL, step_answer  # "### The final answer is:", P3's last 
 
 # --------------------------------------------------------------------------- prompts (P1-P4)
 # P1: VisualThinker-R1-Zero's base-model prompt (arXiv 2503.05132; make_conversation_sat in its released
-# src/open-r1-multimodal/src/open_r1/grpo.py). The base model has no chat template, so the string is built
-# by hand. Note the space before "\nAssistant:" and the opened <think>: the completion continues the
-# reasoning (R2 puts it back).
+# src/open-r1-multimodal/src/open_r1/grpo.py), by hand: the base model has no chat template. Note the space
+# before "\nAssistant:" and the opened <think>: the completion continues the reasoning (R2 puts it back).
 P1 = (
     "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. The user asks "
     "a question about the image, and the Assistant solves it. The assistant first thinks about the "
@@ -68,13 +66,10 @@ def open_image(img):
 
 
 def encode(processor, examples, style, max_pixels):
-    """Left-padded batch (I2), never truncated: a prompt holds image tokens (I4); qwen-vl-utils sizes each
-    image to multiples of patch * merge, <= max_pixels."""
-    images = []
-    for ex in examples:
-        for im in ex["images"]:
-            image = {"image": open_image(im), "min_pixels": 3136, "max_pixels": max_pixels}
-            images.append(fetch_image(image, image_patch_size=processor.image_processor.patch_size))
+    """Left-padded batch (I2), never truncated: a prompt holds image tokens (I4)."""
+    bounds = {"min_pixels": 3136, "max_pixels": max_pixels}  # qwen-vl-utils: sides multiples of patch * merge
+    specs = [{"image": open_image(im), **bounds} for ex in examples for im in ex["images"]]
+    images = [fetch_image(s, image_patch_size=processor.image_processor.patch_size) for s in specs]
     texts = [prompt_text(ex, style, processor) for ex in examples]
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
@@ -96,13 +91,8 @@ def sft_target(ex, style):
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: a data set (or a model) on the hub
-# The released data the recipes default to (grpo_vl.VARIANTS), by folder: their images sit in archives or
-# other data sets, out of one load_dataset's reach, so README.md ("The released data") has them downloaded
-RELEASES = {
-    "data/Mulberry-SFT": "HuanjinYao/Mulberry-SFT",
-    "data/R1-VL-10K": "jingyiZ00/R1-VL-10K",
-    "data/Vision-R1-cold": "Osilly/Vision-R1-cold",
-}
+# The released data the recipes default to (grpo_vl.VARIANTS), each in data/<name>: README.md says why
+RELEASES = ["HuanjinYao/Mulberry-SFT", "jingyiZ00/R1-VL-10K", "Osilly/Vision-R1-cold"]
 REFLECTION = "Let me rethink it."  # Mulberry's reflective rows, which R1-VL's warm-up leaves out
 
 
@@ -227,7 +217,8 @@ def read_rows(spec, split):
     ext = os.path.splitext(spec)[1]
     is_file = os.path.isfile(spec)
     if not (is_file or os.path.isdir(spec) or (not ext and HUB_ID.fullmatch(spec))):
-        for folder, hub_id in RELEASES.items():  # a recipe's default: how to get it
+        for hub_id in RELEASES:  # a recipe's default: how to get it
+            folder = "data/" + hub_id.split("/")[1]
             if spec.startswith(folder):
                 how = f"huggingface-cli download --repo-type dataset {hub_id} --local-dir {folder}"
                 raise ValueError(f"not downloaded: {how}; its images: README.md, 'The released data'")
@@ -270,9 +261,8 @@ def load_examples(spec, split, seed=0, skip_bad=False, max_rows=0, sft=False):
     try:
         rows = read_rows(spec, split)
         columns = set().union(*rows) if isinstance(rows, list) else set(rows.column_names)
-    except Exception as e:  # whatever it is, it is this data set's: one line
-        e = e.__cause__ or e  # what went wrong inside datasets' generic wrapper
-        raise ValueError(f"data set {spec!r}: {one_line(e)}") from None
+    except Exception as e:  # whatever it is, it is this data set's: one line, of the cause datasets wraps
+        raise ValueError(f"data set {spec!r}: {one_line(e.__cause__ or e)}") from None
     keep = list(range(len(rows)))
     if "image_bytes" in columns:  # SAT: r1zero trains on its single-image rows
         adapter = functools.partial(from_sat, rng=random.Random(seed))

@@ -1,9 +1,8 @@
 """grpo-vl: GRPO reinforcement learning for vision-language models (Qwen2-VL / Qwen2.5-VL), in plain PyTorch.
 
-GRPO (DeepSeekMath, arXiv 2402.03300, section 4.1): for each prompt q (an image and a question) sample a
-group of G completions o_1..o_G; score each with rule-based rewards; the advantage of every token of o_i is
-o_i's reward standardised within its group, so no value network is needed; then maximise PPO's clipped
-objective minus beta times an estimate of the KL divergence to the frozen starting model.
+GRPO (DeepSeekMath, arXiv 2402.03300, section 4.1): sample G completions o_1..o_G of each prompt q (an image
+and a question), score each with rule-based rewards, take o_i's reward standardised within the group as every
+token's advantage (no value network), then maximise PPO's clipped objective minus beta times a KL estimate.
 
     python grpo_vl.py --variant r1zero                                                # one GPU
     torchrun --nproc_per_node=4 grpo_vl.py --variant stepgrpo --data D --sft-data S   # 4 GPUs, FSDP2
@@ -97,9 +96,7 @@ class Args:
 
 # Table V: what each recipe changes in the defaults above (flags given on the command line win).
 VARIANTS = {
-    # VisualThinker-R1-Zero (arXiv 2503.05132): the base model, prompt P1, R1 + R2, G 8, T 1.0, 700 tokens,
-    # 2 epochs over a seeded 15K sample of SAT's single-image rows (the release used SAT_train_15000.json)
-    "r1zero": dict(),
+    "r1zero": dict(),  # VisualThinker-R1-Zero (arXiv 2503.05132): Args' defaults (README.md's table V)
     "grpo": dict(model="Qwen/Qwen2-VL-2B-Instruct"),  # the plain GRPO baseline: the Instruct model, P2
     "stepgrpo": dict(  # R1-VL (arXiv 2503.12937): warm-up SFT on step-wise CoT, then StepGRPO
         model="Qwen/Qwen2-VL-2B-Instruct",
@@ -132,9 +129,7 @@ VARIANTS = {
         micro_batch=2,  # sequences of up to 9,000 tokens on a 7B model: see tests/README.md's memory section
     ),
 }
-# The prompt each recipe asks with (data.py): P1 the base model's, P2 an Instruct model's, P3 step-wise
-# sections (R1-VL), P4 the question alone (Vision-R1, whose format the cold-start SFT teaches).
-PROMPT = {"r1zero": "base", "grpo": "instruct", "stepgrpo": "step", "vision-r1": "plain"}
+PROMPT = {"r1zero": "base", "grpo": "instruct", "stepgrpo": "step", "vision-r1": "plain"}  # P1-P4 (data.py)
 EPS = 0.2  # the clip range epsilon of G5: DeepSeekMath's and the three papers' released value
 MAX_GRAD_NORM = 1.0  # gradient-norm clip, as the papers' released code
 LOGPROB_CHUNK = 512  # completion tokens projected on the vocabulary at once: 512 x 151,936 x 4 B = 0.3 GB
@@ -148,8 +143,7 @@ VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 # with rho_it the probability ratio of token t of o_i under pi_theta and pi_old (the sampling policy), A_i
 # the group-relative advantage, and D_it an estimate of KL(pi_theta || pi_ref) against the frozen start.
 def completion_mask(completion, eos):
-    """G9: a completion's tokens count up to and including its first EOS; the padding after it never counts.
-    Returns the mask (N, C) and which completions hit the length cap without an EOS (N,)."""
+    """G9: tokens count up to and including the first EOS. Returns the mask (N, C) and no-EOS flags (N,)."""
     is_eos = torch.isin(completion, torch.tensor(eos))  # (N, C)
     C = completion.shape[1]
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)  # (N,) index of the first EOS
@@ -157,9 +151,8 @@ def completion_mask(completion, eos):
 
 
 def token_logprobs(model, b, T, banned, device):
-    """log pi(o_t | q, o_<t) of every completion token, (N, C). G8: from the logits divided by the sampling
-    temperature T, with the tokens generation may not sample removed: exactly the distribution each token
-    was drawn from, so rho and D compare the probabilities of what was really sampled."""
+    """log pi(o_t | q, o_<t) of every completion token, (N, C). G8: from logits / T less the banned tokens:
+    exactly the distribution each token was drawn from, so rho and D score what was really sampled."""
     comp = b["completion"].to(device)  # (N, C)
     N, C = comp.shape
     prompt = copies(b["prompt"], N // len(b["prompt"]["input_ids"]), device)  # N completions of one prompt
@@ -174,13 +167,11 @@ def token_logprobs(model, b, T, banned, device):
         use_cache=False,
     )
     h = out.hidden_states[-1][:, -C - 1 : -1].reshape(N * C, -1)  # (N*C, H): the states predicting o_1..o_C
-    o = comp.reshape(N * C)
     # I7: logits at completion positions only, LOGPROB_CHUNK tokens at a time, recomputed in the backward
     # (checkpoint) rather than kept: at 151,936 entries an (N, C, V) fp32 logits tensor is most of the memory.
     logp = []
-    for s in range(0, N * C, LOGPROB_CHUNK):
-        chunk = (model.lm_head, h[s : s + LOGPROB_CHUNK], o[s : s + LOGPROB_CHUNK], T, banned)
-        logp.append(checkpoint(chunk_logprobs, *chunk, use_reentrant=False))
+    for h_s, o_s in zip(h.split(LOGPROB_CHUNK), comp.reshape(N * C).split(LOGPROB_CHUNK)):
+        logp.append(checkpoint(chunk_logprobs, model.lm_head, h_s, o_s, T, banned, use_reentrant=False))
     if not torch.is_grad_enabled() and isinstance(model, FSDPModule):
         model.reshard()  # no backward follows (reference, pi_old): free the root's gathered parameters (I9)
     return torch.cat(logp).view(N, C)
@@ -225,20 +216,17 @@ def grpo_loss(logp, old, ref, A, mask, beta, n_completions):
 # ================================================================================ 3. the rollout
 @torch.no_grad()
 def rollout(model, exs, args, run, seed):
-    """G completions of each prompt, sampled at temperature T (G8) with the KV cache, one generate() call
-    per prompt. Returns one batch per prompt: the prompt encoded once, its completions (G, C), their masks
-    (G9) and "idx": completion j of this rank's step answers prompt j // G (I8)."""
+    """G completions of each prompt, sampled at T (G8) with the KV cache. A batch per prompt: the prompt
+    encoded once, its completions (G, C), masks (G9), "idx": completion j answers prompt j // G (I8)."""
     G = args.num_generations
-    # gathered (below): no forward needs the other ranks, so none waits on them token by token (synced_gpus)
     sampling = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, synced_gpus=False)
     batches = []
-    with gathered(model):
+    with gathered(model):  # no forward then needs another rank, so none waits on them (synced_gpus=False)
         for j, ex in enumerate(exs):
             prompt = data.encode(run.processor, [ex], PROMPT[args.variant], args.max_pixels)  # (1, L)
             torch.manual_seed(seed + j)  # seed + the prompt's index in the step: free of the rank count
             with shared_vision(G, model):  # the prefill encodes the prompt's image once, not G times
-                inputs = copies(prompt, G, run.device)  # (G, L)
-                seqs = model.generate(**inputs, **sampling)
+                seqs = model.generate(**copies(prompt, G, run.device), **sampling)  # from G copies (G, L)
             b = {"prompt": prompt, "completion": seqs[:, prompt["input_ids"].shape[1] :].cpu()}  # (G, C)
             b["mask"], b["truncated"] = completion_mask(b["completion"], run.eos)
             b["idx"] = torch.arange(j * G, (j + 1) * G)
@@ -264,9 +252,8 @@ def grpo_step(step, exs, args, run):
         batches = rollout(model, exs, args, run, seed)
     rollout_time = time.time() - t0
     # ---- 2. reward, G1: r_i = sum_k R_k(o_i, q), the recipe's rewards summed without weights
-    texts = []
-    for b in batches:
-        texts += [completion_text(t, args) for t in run.processor.batch_decode(b["completion"], True)]
+    decoded = [t for b in batches for t in run.processor.batch_decode(b["completion"], True)]
+    texts = [completion_text(t, args) for t in decoded]
     ex_of = [exs[j // G] for j in range(len(texts))]  # I8: completion j answers prompt j // G
     n_tok = torch.cat([b["mask"].sum(1) for b in batches]).tolist()  # |o_i|, counted as G9 counts
     per_fn = {}
@@ -303,8 +290,7 @@ def grpo_step(step, exs, args, run):
             kl += (torch.where(mask.bool(), D, 0.0).sum() / n_tokens).item()
             clip_frac += (torch.where(mask.bool(), clipped, 0.0).sum() / n_tokens).item()
         grad_norm = clip_and_step(run.opt)
-    # ---- 6. statistics. kl, clip_frac and loss are the last policy epoch's. At mu = 1 the loss is about
-    # beta * KL (rho = 1 and A sums to 0 within a group), yet its gradient is not 0
+    # ---- 6. statistics; kl, clip_frac and loss are the last policy epoch's (loss ~ beta * kl: README.md)
     stats = {f"rewards/{name}": values.mean().item() for name, values in per_fn.items()}
     stats["reward"] = r.mean().item()
     stats["reward_std"] = r.view(-1, G).std(1).mean().item()
@@ -320,9 +306,8 @@ def grpo_step(step, exs, args, run):
     samples = []
     for i, (text, ex) in enumerate(zip(texts, ex_of)):
         sample = {"question": ex["question"], "answer": ex["answer"], "completion": text, "tokens": n_tok[i]}
-        sample["rewards"] = {name: values[i].item() for name, values in per_fn.items()}
-        sample["advantage"] = A[i].item()
-        samples.append(sample)
+        rewards_i = {name: values[i].item() for name, values in per_fn.items()}
+        samples.append({**sample, "rewards": rewards_i, "advantage": A[i].item()})
     return stats, samples
 
 
@@ -340,8 +325,7 @@ def main(argv=None):
     if args.eval:
         run_eval(eval_exs, args, run, "eval")
         return barrier(finish=True)
-    # --resume picks up where OUT/checkpoint left off: {"phase", "step", "sched", "args"}
-    saved = os.path.join(args.out, "checkpoint", "progress.json")
+    saved = os.path.join(args.out, "checkpoint", "progress.json")  # --resume: phase, step, sched, args
     progress = json.load(open(saved)) if args.resume and os.path.exists(saved) else None
     record = open_metrics(args.out, progress) if rank == 0 else ignore
     n_params = sum(p.numel() for p in run.model.parameters()) / 1e6
@@ -379,11 +363,10 @@ def main(argv=None):
     flat_steps = 0  # steps in a row in which every group's rewards were equal
     for step in range(progress["step"] + 1 if in_rl else 1, steps + 1):
         stage, cap, G = plan[step - 1]  # the same prompts per step; PTST changes G and the cap
-        stage_args = replace(args, max_new_tokens=cap, num_generations=G)
         if step == 1 or plan[step - 2][0] != stage:
             log(f"stage {stage + 1}: up to {cap} new tokens, G = {G}, from step {step}")
         mine = [exs[i] for i in my_share(order, step, P, rank, world)]
-        stats, samples = grpo_step(step, mine, stage_args, run)
+        stats, samples = grpo_step(step, mine, replace(args, max_new_tokens=cap, num_generations=G), run)
         stats = {"phase": "rl", "step": step, "stage": stage + 1, **stats}
         record(stats)
         terms = " ".join(f"{name} {stats['rewards/' + name]:.3f}" for name in run.rewards)
@@ -409,7 +392,6 @@ def main(argv=None):
 
 
 # ==================================================== plumbing: engineering, not the algorithm (skip it)
-# ------------------------------------------------------------------ flags
 def parse_args(argv=None):
     """Args from the command line, over the defaults of the --variant (which --help shows)."""
     first = argparse.ArgumentParser(add_help=False)
@@ -520,8 +502,7 @@ def over_ranks(stats, device):
 
 def load_models(args, rank, world, device, mesh):
     """The policy (fp32 master weights), the frozen reference (G4; none when beta = 0), the processor, the EOS
-    and banned token ids, and the precision. The weights are read once, by rank 0: under torchrun both models
-    are built empty (meta device) and sharded, then rank 0 sends each rank its shards (I9)."""
+    and banned token ids, the precision. Rank 0 alone reads the weights and fills every rank's shards (I9)."""
     tf.utils.logging.disable_progress_bar()
     huggingface_hub.utils.logging.set_verbosity_error()  # no line per retry when offline: one line below
     try:
@@ -551,8 +532,7 @@ def load_models(args, rank, world, device, mesh):
     model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, **plain)
     if ref is not None:
         ref.eval().requires_grad_(False)
-    # the r1zero ablations, really frozen (the released flag assigned to a method and froze nothing)
-    if args.freeze == "vision":
+    if args.freeze == "vision":  # the r1zero ablations, really frozen (the release froze nothing: README.md)
         model.model.visual.requires_grad_(False)
     if args.freeze == "llm":
         model.model.language_model.requires_grad_(False)
@@ -572,9 +552,8 @@ def load_models(args, rank, world, device, mesh):
 
 
 def shard(model, loaded, mesh, device, bf16):
-    """I9: fully_shard each vision block, each decoder layer, the vision tower, then the root, of the empty
-    model; then fill its shards from rank 0's `loaded` model. With bf16: bf16 compute over fp32 master
-    weights, fp32 gradient reduction (lr 1e-6 updates vanish in bf16)."""
+    """I9: fully_shard the empty model module by module (below), then fill its shards from rank 0's `loaded`.
+    bf16: bf16 compute over fp32 master weights, fp32 gradient reduction (lr 1e-6 steps vanish in bf16)."""
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model.model.visual, model]:
         fully_shard(module, mesh=mesh, mp_policy=mp)
@@ -595,9 +574,8 @@ def shard(model, loaded, mesh, device, bf16):
 
 @contextlib.contextmanager
 def gathered(model):
-    """For generate(): eval mode (training mode's gradient checkpointing turns the KV cache off) and, under
-    FSDP, every parameter gathered up front, on every rank: the forwards then need no collective, so a rank
-    done early, or with nothing to generate, stalls no other."""
+    """For generate(): eval mode (training mode's checkpointing turns the KV cache off) and, under FSDP, every
+    parameter gathered up front on every rank: no forward needs a collective, so no rank stalls another."""
     model.eval()
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in sharded:
@@ -645,10 +623,8 @@ def copies(prompt, n, device):
 
 def data_order(n, needed, seed):
     """The data order: one seeded permutation per epoch, as many epochs as `needed` takes."""
-    order = []
-    for epoch in range(math.ceil(needed / n)):
-        order += random.Random(seed + epoch).sample(range(n), n)
-    return order
+    epochs = range(math.ceil(needed / n))
+    return [i for epoch in epochs for i in random.Random(seed + epoch).sample(range(n), n)]
 
 
 def my_share(order, step, n, rank, world):
@@ -656,11 +632,11 @@ def my_share(order, step, n, rank, world):
     return order[(step - 1) * n : step * n][rank * n // world : (rank + 1) * n // world]
 
 
-# ------------------------------------------------------------------ SFT
 def sft(exs, args, run, progress, record, log):
     """Warm-up / cold-start SFT: cross-entropy on the target tokens after RL's prompt (a token mean over all
     ranks); AdamW with weight decay, linear warm-up then cosine decay (the releases' transformers Trainer)."""
     n = args.sft_batch
+    m = args.micro_batch  # examples per forward/backward pass
     steps = args.sft_epochs * max(len(exs) // n, 1)
     opt = torch.optim.AdamW(run.model.parameters(), lr=args.sft_lr, weight_decay=args.sft_weight_decay)
     sched = tf.get_cosine_schedule_with_warmup(opt, math.ceil(args.sft_warmup * steps), steps)
@@ -671,9 +647,7 @@ def sft(exs, args, run, progress, record, log):
     for step in range(progress["step"] + 1 if progress else 1, steps + 1):
         t0 = time.time()
         mine = [exs[i] for i in my_share(order, step, n, run.rank, run.world)]
-        micro = []  # micro-batches of up to --micro-batch examples
-        for s in range(0, len(mine), args.micro_batch):
-            micro.append(sft_batch(run.processor, mine[s : s + args.micro_batch], args))
+        micro = [sft_batch(run.processor, mine[s : s + m], args) for s in range(0, len(mine), m)]
         n_tok = over_ranks({"n": sum(mb["mask"].sum().item() for mb in micro)}, run.device)["n"]
         opt.zero_grad(set_to_none=True)
         loss = 0.0
@@ -695,8 +669,7 @@ def sft(exs, args, run, progress, record, log):
 
 
 def sft_batch(processor, exs, args):
-    """An SFT batch in the rollout layout: RL's prompt, and the target as the 'completion', masked to the
-    target tokens and the closing EOS -- never the prompt or the image."""
+    """An SFT batch as a rollout's: RL's prompt, the target as the 'completion', masked to it and its EOS."""
     style = PROMPT[args.variant]
     b = {"prompt": data.encode(processor, exs, style, args.max_pixels)}
     tok = processor.tokenizer
@@ -710,23 +683,21 @@ def sft_batch(processor, exs, args):
 
 def clip_and_step(opt):
     """Clip the gradient norm, then step; a norm that is not finite stops the run (the checkpoint stays)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-        grad_norm = grad_norm.full_tensor()
-    grad_norm = grad_norm.item()
+    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP2
     if not math.isfinite(grad_norm):
         raise SystemExit(f"error: gradient norm {grad_norm}; stopped (OUT/checkpoint: the last good weights)")
     opt.step()
     return grad_norm
 
 
-# ------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def run_eval(exs, args, run, name):
     """Protocol E: greedy decoding, judged as the recipe's rewards judge. Accuracy over all rows (as
     VisualThinker's 59.47%), per task, and CV-Bench's ((ADE20K + COCO) / 2 + Omni3D) / 2: OUT/<name>.json."""
     mine = exs[run.rank :: run.world]  # a rank may have fewer rows, or none: gathered() needs no forward
     greedy = dict(do_sample=False, max_new_tokens=args.eval_max_new_tokens, synced_gpus=False)
+    stepwise = PROMPT[args.variant] == "step"  # judged by P3's sections (R4, R5), or by the tags (R1, R2)
     results = []
     with gathered(run.model), run.amp:
         for s in range(0, len(mine), 16):
@@ -737,14 +708,10 @@ def run_eval(exs, args, run, name):
             lengths = completion_mask(o, run.eos)[0].sum(1).tolist()  # counted as G9 counts them
             for ex, text, n in zip(chunk, run.processor.batch_decode(o, True), lengths):
                 text = completion_text(text, args)
-                result = {"task": ex["task"], "source": ex["source"], "question": ex["question"]}
-                result.update(answer=ex["answer"], completion=text, completion_len=n)
-                if PROMPT[args.variant] == "step":  # P3's sections (R4, R5)
-                    result["accuracy"] = float(R.is_correct(R.step_answer(text), ex))
-                    result["format"] = R.step_validity(text)
-                else:  # or the tags (R1, R2)
-                    result["accuracy"] = R.accuracy(text, ex)
-                    result["format"] = R.think_answer_format(text)
+                pred = R.step_answer(text) if stepwise else R.last_tag(text, "answer")  # as R4 / R1 read it
+                result = {key: ex[key] for key in ("task", "source", "question", "answer")}
+                result.update(completion=text, completion_len=n, accuracy=float(R.is_correct(pred, ex)))
+                result["format"] = R.step_validity(text) if stepwise else R.think_answer_format(text)
                 results.append(result)
     if run.world > 1:  # every rank's results
         everyone = [None] * run.world
@@ -762,16 +729,14 @@ def run_eval(exs, args, run, name):
     if run.rank == 0:
         print(f"{name}: {json.dumps(report)}")
         json.dump(report, open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
-        with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:  # each row: what the model said
-            f.writelines(json.dumps(r) + "\n" for r in results)
+        open(os.path.join(args.out, f"{name}.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in results)
     return report
 
 
 # ------------------------------------------------------------------ checkpoints and metrics
 def save_checkpoint(run, opt, sched, args, phase, step):
-    """OUT/checkpoints/<phase>-<step>/ (I10): the model for transformers (save_pretrained), and for --resume
-    the shards of model, optimizer, reference, and the schedule. Written aside, renamed, then OUT/checkpoint
-    links to it: a kill mid-write leaves the previous checkpoint whole."""
+    """OUT/checkpoints/<phase>-<step>/ (I10): the model for transformers, and for --resume train_state and
+    the schedule. Written aside, renamed, then linked: a kill mid-write leaves the last checkpoint whole."""
     root = os.path.join(args.out, "checkpoints")
     name = f"{phase}-{step:06d}"
     tmp = os.path.join(root, ".tmp-" + name)
@@ -822,8 +787,7 @@ def resume(model, opt, sched, ref, args):
     if missing := sorted(set(state) - {key.split(".")[0] for key in saved}):  # "model.x.y" -> "model"
         fail(f"{path} holds no {missing[0]} state: resume with the flags it was written with (--beta)")
     # partial: a parameter that never had a gradient has no Adam state to restore (fresh zeros act the same)
-    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
-    dcp.load(state, checkpoint_id=state_path, planner=planner)
+    dcp.load(state, checkpoint_id=state_path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     dsd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ref is not None:
         dsd.set_model_state_dict(ref, state["ref"])
@@ -831,13 +795,11 @@ def resume(model, opt, sched, ref, args):
 
 
 def open_metrics(out, progress):
-    """OUT/metrics.jsonl, a JSON line per step. On --resume the lines after the checkpoint are dropped first,
-    so the file reads as if the run had never stopped."""
+    """OUT/metrics.jsonl, a JSON line per step; --resume first drops the lines after the checkpoint."""
     path = os.path.join(out, "metrics.jsonl")
     if progress and os.path.exists(path):
         last = (progress["phase"] == "rl", progress["step"])  # where the checkpoint stands: SFT before RL
-        entries = [json.loads(line) for line in open(path)]
-        kept = [m for m in entries if (m["phase"] == "rl", m["step"]) <= last]
+        kept = [m for m in map(json.loads, open(path)) if (m["phase"] == "rl", m["step"]) <= last]
         open(path, "w").writelines(json.dumps(m) + "\n" for m in kept)
     metrics = open(path, "a" if progress else "w", buffering=1)
 

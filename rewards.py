@@ -175,8 +175,7 @@ def step_validity(text, ex=None, n_tokens=0):
 
 
 def hard_format(text, ex, n_tokens=0):
-    """R6 HFRRF: 1 iff R2's format holds with one <think> block, not empty, and one <answer> block, and the
-    answer is right."""
+    """R6 HFRRF: 1 iff the answer is right, in R2's format with one non-empty <think> and one <answer>."""
     t = text.strip()
     one_each = all(t.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
     thought = one_each and bool(last_tag(t, "think"))  # HFRRF asks for a thinking process: not an empty one
@@ -185,8 +184,7 @@ def hard_format(text, ex, n_tokens=0):
 
 
 REWARDS = dict(accuracy=accuracy, format=think_answer_format, length=length_bonus)  # VisualThinker-R1-Zero
-REWARDS.update(step_accuracy=step_accuracy, step_validity=step_validity)  # R1-VL's StepGRPO
-REWARDS.update(hard_format=hard_format)  # Vision-R1
+REWARDS.update(step_accuracy=step_accuracy, step_validity=step_validity, hard_format=hard_format)  # R4-R6
 
 
 def reflects(text):
