@@ -33,7 +33,7 @@ def test_the_modules_stay_within_their_line_budget(tmp_path):
     p = ruff("format", "--quiet", "--line-length", "110", *[str(tmp_path / name) for name in MODULES])
     assert p.returncode == 0, p.stdout + p.stderr
     lines = sum(len((tmp_path / name).read_text().splitlines()) for name in MODULES)
-    assert lines <= 1321, f"{lines} lines in {', '.join(MODULES)}: over the budget; remove, don't pack"
+    assert lines <= 1320, f"{lines} lines in {', '.join(MODULES)}: over the budget; remove, don't pack"
 
 
 def test_mutants_quick_form():

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import tiny as fixtures
+from memory import MODELS, QWEN2_VL_2B, QWEN25_VL_7B, per_gpu_gb
 import torch
 import transformers as tf
 
@@ -118,78 +119,6 @@ def test_bf16_run_trains_with_fp32_master_weights(tmp_path, ranks):
 
 
 # ---------------------------------------------------------------------- the arithmetic of tests/README.md
-QWEN2_VL_2B = tf.Qwen2VLConfig(  # the hub config's numbers (Qwen/Qwen2-VL-2B)
-    text_config=dict(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-    ),
-    vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
-    tie_word_embeddings=True,
-)
-QWEN25_VL_7B = tf.Qwen2_5_VLConfig(  # Qwen/Qwen2.5-VL-7B-Instruct
-    text_config=dict(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-    ),
-    vision_config=dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=3584,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-    ),
-    tie_word_embeddings=False,
-)
-MODELS = {  # parameters (checked below), width, layers, K/V width per layer, vocabulary, tied lm_head
-    "Qwen2-VL-2B": dict(
-        params=2_208_985_600, hidden=1536, layers=28, kv_width=2 * 128, vocab=151_936, tied=True
-    ),
-    "Qwen2.5-VL-7B": dict(
-        params=8_292_166_656, hidden=3584, layers=28, kv_width=4 * 128, vocab=152_064, tied=False
-    ),
-}
-IMAGE_TOKENS, PATCHES = (
-    512,
-    2048,
-)  # max_pixels ~401,408: 2,048 patches of 14 x 14, 512 tokens after the 2x2 merge
-TEXT_TOKENS = 150  # the prompt's text: template, instructions, question
-VIT_WIDTH, VIT_LAYERS = 1280, 32  # both vision towers
-
-
-def per_gpu_gb(model, sequences, new_tokens, micro_batch, generates=True, checkpointing=True, gpus=4):
-    """Per-GPU peak under FSDP2 over `gpus` ranks, bf16 compute. sequences: what a rank holds at once (prompts
-    per rank x G for RL, examples per rank for SFT); new_tokens: the completion or SFT target cap."""
-    m = MODELS[model]
-    P, seq = m["params"], IMAGE_TOKENS + TEXT_TOKENS + new_tokens
-    states = 16 * P / gpus  # fp32 weights + fp32 gradients + AdamW's two fp32 moments, sharded
-    reference = 4 * P / gpus  # fp32, sharded, gathered one layer at a time
-    # rollout: the whole policy gathered in bf16 plus the bf16 K and V of every layer for every token
-    rollout = 2 * P + sequences * seq * 2 * m["layers"] * m["kv_width"] * 2 if generates else 0
-    # update: ~34 x width bytes of bf16 activations per token per layer; with checkpointing a layer keeps its
-    # 2 x width input and one layer at a time holds the full 34 x width while it is recomputed
-    n = min(micro_batch, sequences)
-    per_token = 2 * m["layers"] + 34 if checkpointing else 34 * m["layers"]
-    per_patch = 2 * VIT_LAYERS + 34 if checkpointing else 34 * VIT_LAYERS
-    update = n * seq * m["hidden"] * per_token + n * PATCHES * VIT_WIDTH * per_patch
-    update += 3 * g.LOGPROB_CHUNK * m["vocab"] * 4  # one chunk's fp32 logits, their exp and gradient
-    update += (1 if m["tied"] else 2) * m["vocab"] * m["hidden"] * 4  # root: gathered bf16 embeddings + grads
-    return (states + reference + max(rollout, update)) / 1e9
-
-
 RUNS = {  # row -> (model, sequences per rank at once: G in a rollout, new tokens, micro-batch, generates)
     "r1zero, grpo: RL": ("Qwen2-VL-2B", 8, 700, 8, True),
     "stepgrpo: warm-up SFT": ("Qwen2-VL-2B", 128 // 4, 1024, 8, False),
