@@ -412,6 +412,56 @@ MUTANTS = [
         "pass  # no backward follows",
         MEM + "fsdp_checkpointed_gradients_and_reference_resharding",
     ),
+    # ---- issues 19 and 20: loading once, tied weights, the released data
+    Mutant(
+        "every rank reads the weights",
+        "grpo_vl.py",
+        "if rank == 0 or not mesh else None",
+        "if True else None",
+        "test_train.py::test_under_torchrun_only_rank_0_reads_the_weights",
+    ),
+    Mutant(
+        "rotary buffers not broadcast to the meta-built ranks",
+        "grpo_vl.py",
+        "        dist.broadcast(buffer, 0)\n",
+        "",
+        "test_train.py::test_fsdp_two_ranks_match_one_process",
+    ),
+    Mutant(
+        "2-rank checkpoints in transformers' own key layout",
+        "grpo_vl.py",
+        'model._weight_conversions = getattr(loaded, "_weight_conversions", None)',
+        "pass",
+        "test_tied.py::test_tied_checkpoint_loads_in_transformers_still_tied",
+    ),
+    Mutant(
+        "a tied lm_head saved twice",
+        "grpo_vl.py",
+        "if k not in tied}",
+        "}",
+        "test_tied.py::test_tied_checkpoint_loads_in_transformers_still_tied",
+    ),
+    Mutant(
+        "Mulberry's reflective rows kept for stepgrpo",
+        "grpo_vl.py",
+        'if sft and PROMPT[args.variant] == "step":',
+        "if False:",
+        "test_release_layouts.py::test_mulberry_sft_json_inside_the_extracted_mulberry_images_folder",
+    ),
+    Mutant(
+        "only the first of comma-separated data files",
+        "grpo_vl.py",
+        'for part in spec.split(","):',
+        'for part in spec.split(",")[:1]:',
+        "test_release_layouts.py::test_vision_r1_cold_two_sharegpt_files_in_one_folder",
+    ),
+    Mutant(
+        "no download line for a missing release",
+        "data.py",
+        "if spec.startswith(folder):",
+        "if False:",
+        "test_release_layouts.py::test_the_cards_command_offline_says_what_to_download_and_exits_2",
+    ),
 ]
 
 
